@@ -1,0 +1,199 @@
+"""One validated configuration object for the whole suite, built from a JSON file.
+
+Every server reads the same file; a bad value stops the start with a message naming the field
+(``experts.2.engine.kv_cache_dtype: ...``). Relative model paths are resolved against the file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_CONFIG = REPO_ROOT / "configs" / "embedded.json"
+PRODUCTION_CONFIG = REPO_ROOT / "configs" / "config.json"
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingDefaults(_Strict):
+    """Per-expert defaults, used where a request leaves a sampling field out."""
+
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    max_tokens: int = Field(256, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+
+
+class EngineOptions(_Strict):
+    """How an expert's engine is built. ``kind`` picks the implementation; the rest are vLLM settings.
+
+    Options this platform cannot honour (FP8 KV cache without AVX-512, graph capture in eager mode)
+    are downgraded by the engine with a warning and reported as effective settings.
+    """
+
+    kind: Literal["vllm", "test", "remote"] = "vllm"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantization: Literal["awq", "gptq", "fp8"] | None = None
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    kv_cache_memory_bytes: int | None = Field(None, ge=16 * 1024 * 1024)
+    max_model_len: int = Field(2048, ge=64)
+    max_num_seqs: int = Field(8, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=64)
+    enforce_eager: bool = True
+    max_seq_len_to_capture: int | None = Field(None, ge=1)
+    enable_chunked_prefill: bool = True
+    num_scheduler_steps: int = Field(1, ge=1)
+    enable_prefix_caching: bool = True
+    neon_kernels: bool = False
+    seed: int = 0
+    # kind == "test": a deterministic engine for protocol and fault tests (see core.test_engine).
+    test_token_delay_s: float = Field(0.0, ge=0.0)
+    test_load_delay_s: float = Field(0.0, ge=0.0)
+    test_fail_load: bool = False
+    # kind == "remote": an OpenAI-compatible server elsewhere.
+    base_url: str | None = None
+    remote_model: str | None = None
+    api_key_env: str | None = None
+    connect_timeout_s: float = Field(5.0, gt=0.0)
+    read_timeout_s: float = Field(120.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> "EngineOptions":
+        if self.kind == "remote" and not (self.base_url and self.remote_model):
+            raise ValueError("a remote engine needs base_url and remote_model")
+        return self
+
+
+class RoutingProfile(_Strict):
+    """What the TF-IDF router knows of an expert beyond its domain and description."""
+
+    keywords: tuple[str, ...] = ()
+    examples: tuple[str, ...] = ()
+
+
+class ExpertConfig(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    domain: str
+    description: str
+    model: str
+    vision: bool = False
+    multilingual: bool = False
+    system_prompt: str = ""
+    sampling: SamplingDefaults = SamplingDefaults()
+    engine: EngineOptions = EngineOptions()
+    routing: RoutingProfile = RoutingProfile()
+    max_concurrency: int = Field(8, ge=1)
+    max_queue: int = Field(32, ge=0)
+    load_timeout_s: float = Field(600.0, gt=0.0)
+    request_timeout_s: float = Field(300.0, gt=0.0)
+
+
+class RouterConfig(_Strict):
+    default_expert: str | None = None
+    threshold: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class ConsensusConfig(_Strict):
+    experts_per_request: int = Field(3, ge=1)
+    min_successful: int = Field(1, ge=1)
+    candidate_timeout_s: float = Field(60.0, gt=0.0)
+    candidate_max_tokens: int = Field(256, ge=1)
+    aggregator: str | None = None
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    ports: dict[Literal["standard", "streaming", "consensus"], int] = {
+        "standard": 8082,
+        "streaming": 8083,
+        "consensus": 8084,
+    }
+    warmup: tuple[str, ...] = ()
+    idle_timeout_s: float = Field(300.0, gt=0.0)
+    idle_check_interval_s: float = Field(15.0, gt=0.0)
+    max_loaded_experts: int = Field(3, ge=1)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    api_key_env: str = "CAPIBARA_API_KEY"
+    log_file: str | None = None
+    shutdown_grace_s: float = Field(30.0, ge=0.0)
+
+
+class AppConfig(_Strict):
+    """The whole suite: server options, the experts, routing and consensus settings."""
+
+    server: ServerConfig = ServerConfig()
+    experts: tuple[ExpertConfig, ...] = Field(min_length=1)
+    router: RouterConfig = RouterConfig()
+    consensus: ConsensusConfig = ConsensusConfig()
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> "AppConfig":
+        ids = [e.id for e in self.experts]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"experts: duplicate id {duplicates[0]!r}")
+        known = set(ids)
+        for i, name in enumerate(self.server.warmup):
+            if name not in known:
+                raise ValueError(f"server.warmup.{i}: unknown expert {name!r}")
+        for field, name in (("router.default_expert", self.router.default_expert),
+                            ("consensus.aggregator", self.consensus.aggregator)):
+            if name is not None and name not in known:
+                raise ValueError(f"{field}: unknown expert {name!r}")
+        return self
+
+    def expert(self, expert_id: str) -> ExpertConfig | None:
+        return next((e for e in self.experts if e.id == expert_id), None)
+
+    @property
+    def default_expert(self) -> str:
+        return self.router.default_expert or self.experts[0].id
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{location}: {message}" if location else message)
+    return "; ".join(lines)
+
+
+def parse_config(data: dict, base_dir: Path) -> AppConfig:
+    """Validate a decoded config; local model paths starting with ./ or ../ are made absolute."""
+    try:
+        config = AppConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+    experts = []
+    for expert in config.experts:
+        if expert.model.startswith(("./", "../")):
+            expert = expert.model_copy(update={"model": str((base_dir / expert.model).resolve())})
+        experts.append(expert)
+    return config.model_copy(update={"experts": tuple(experts)})
+
+
+def load_config(path: str | Path) -> AppConfig:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    try:
+        return parse_config(data, path.parent)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
