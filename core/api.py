@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from core.config import EMBEDDED_CONFIG, AppConfig, ConfigError, load_config
 from core.engines import create_engine
@@ -113,6 +114,10 @@ class Api:
     async def stats_view(self, request: web.Request) -> web.Response:
         return json_response(self.stats.render(self.manager.states()))
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.stats.render_metrics(self.manager.states()),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_chat_request(decode_body(await request.read()))
         return await self._respond(request, self.chat_jobs(parsed), parsed.stream)
@@ -169,6 +174,7 @@ class Api:
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/stats", self.stats_view)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/route", self.route)

@@ -60,6 +60,7 @@ class EngineOptions(_Strict):
     test_token_delay_s: float = Field(0.0, ge=0.0)
     test_load_delay_s: float = Field(0.0, ge=0.0)
     test_fail_load: bool = False
+    test_fault: Literal["none", "fail", "hang"] = "none"
     # kind == "remote": an OpenAI-compatible server elsewhere.
     base_url: str | None = None
     remote_model: str | None = None

@@ -1,4 +1,4 @@
-"""Statistics for /stats: per-expert counters and latency percentiles, routing, streams, server uptime.
+"""Statistics for /stats (JSON) and /metrics (Prometheus): one recording point, two renderings.
 
 Every figure is recorded here by the service and the model manager; nothing else keeps counters.
 Percentiles come from a bounded window of recent samples, so memory stays flat on a long-running server.
@@ -9,7 +9,36 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram, generate_latest
+
 WINDOW = 2048
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """Prometheus instruments of one server, in their own registry (standard names, `capibara_` prefix)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = PromCounter("capibara_requests", "Generation requests by expert and outcome",
+                                    ["expert", "outcome"], registry=r)
+        self.http_errors = PromCounter("capibara_http_errors", "Error responses by HTTP status", ["status"],
+                                       registry=r)
+        self.latency = Histogram("capibara_request_latency_seconds", "Generation latency", ["expert"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("capibara_time_to_first_token_seconds", "Time to first token", ["expert"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = PromCounter("capibara_tokens", "Tokens processed", ["expert", "kind"], registry=r)
+        self.loads = PromCounter("capibara_expert_loads", "Expert loads by outcome", ["expert", "outcome"],
+                                 registry=r)
+        self.unloads = PromCounter("capibara_expert_unloads", "Expert unloads", ["expert"], registry=r)
+        self.routes = PromCounter("capibara_route_decisions", "Router decisions by chosen expert", ["expert"],
+                                  registry=r)
+        self.loaded = Gauge("capibara_loaded_experts", "Experts loaded now", registry=r)
+        self.queue = Gauge("capibara_queue_depth", "Requests waiting for an expert slot", ["expert"], registry=r)
+        self.active = Gauge("capibara_active_requests", "Requests being served", ["expert"], registry=r)
+        self.streams = Gauge("capibara_active_streams", "SSE streams open", registry=r)
 
 
 class Samples:
@@ -87,6 +116,7 @@ class Stats:
         self.consensus_failures: Counter[str] = Counter()
         self.consensus_fanout = Samples()
         self.consensus_synthesis = Samples()
+        self.metrics = Metrics()
 
     def expert(self, expert_id: str) -> ExpertStats:
         stats = self.experts.get(expert_id)
@@ -97,9 +127,11 @@ class Stats:
     def record_route(self, expert_id: str, elapsed_ms: float) -> None:
         self.route_decisions[expert_id] += 1
         self.route_latency.add(elapsed_ms)
+        self.metrics.routes.labels(expert_id).inc()
 
     def record_client_error(self, status: int) -> None:
         self.client_errors[status] += 1
+        self.metrics.http_errors.labels(str(status)).inc()
 
     def record_generation(self, expert_id: str, *, seconds: float, prompt_tokens: int, completion_tokens: int,
                           ttft: float | None, ok: bool) -> None:
@@ -110,7 +142,13 @@ class Stats:
         stats.latency.add(seconds)
         stats.prompt_tokens += prompt_tokens
         stats.completion_tokens += completion_tokens
+        metrics = self.metrics
+        metrics.requests.labels(expert_id, "ok" if ok else "error").inc()
+        metrics.latency.labels(expert_id).observe(seconds)
+        metrics.tokens.labels(expert_id, "prompt").inc(prompt_tokens)
+        metrics.tokens.labels(expert_id, "completion").inc(completion_tokens)
         if ttft is not None and completion_tokens > 0:
+            metrics.ttft.labels(expert_id).observe(ttft)
             stats.ttft.add(ttft)
             stats.generation_seconds += seconds
             if completion_tokens > 1:
@@ -118,6 +156,7 @@ class Stats:
 
     def record_load(self, expert_id: str, seconds: float, ok: bool) -> None:
         stats = self.expert(expert_id)
+        self.metrics.loads.labels(expert_id, "ok" if ok else "failed").inc()
         if ok:
             stats.loads += 1
             stats.last_load_seconds = seconds
@@ -126,6 +165,7 @@ class Stats:
 
     def record_unload(self, expert_id: str) -> None:
         self.expert(expert_id).unloads += 1
+        self.metrics.unloads.labels(expert_id).inc()
 
     def record_consensus(self, experts_used: int, fanout_s: float, synthesis_s: float | None,
                          failed: list[str]) -> None:
@@ -161,3 +201,13 @@ class Stats:
                 "synthesis_s": self.consensus_synthesis.summary(50, 95),
             },
         }
+
+    def render_metrics(self, expert_states: dict[str, dict]) -> bytes:
+        """Prometheus text format; gauges are read from the live expert states at scrape time."""
+        metrics = self.metrics
+        metrics.loaded.set(sum(1 for state in expert_states.values() if state["state"] == "ready"))
+        for expert_id, state in expert_states.items():
+            metrics.queue.labels(expert_id).set(state["queued_requests"])
+            metrics.active.labels(expert_id).set(state["active_requests"])
+        metrics.streams.set(sum(s.active_streams for s in self.experts.values()))
+        return generate_latest(metrics.registry)

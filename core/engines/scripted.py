@@ -3,8 +3,9 @@
 It answers with the words of the last user message (or the prompt) prefixed by "echo:", one word a
 token, honouring max_tokens, stop strings and n. Directives in the prompt script faults:
 ``[[sleep=S]]`` waits S seconds before the first token, ``[[fail]]`` raises after the first token,
-``[[hang]]`` never answers. An absolute model path that does not exist fails the load, so tests can
-make a load fail and then recover by creating the file. It is never the only evidence that a feature works: see tests/.
+``[[hang]]`` never answers; the option ``test_fault`` does the same for every request of an expert.
+An absolute model path that does not exist fails the load, so a test can make a load fail and then
+recover by creating the file. It is never the only evidence that a feature works: see tests/.
 """
 from __future__ import annotations
 
@@ -54,14 +55,15 @@ class ScriptedEngine(Engine):
             sleep = _SLEEP.search(source)
             if sleep:
                 await asyncio.sleep(float(sleep.group(1)))
-            if "[[hang]]" in source:
+            fault = self.expert.engine.test_fault
+            if "[[hang]]" in source or fault == "hang":
                 await asyncio.Event().wait()
             text = ""
             for position, word in enumerate(words):
                 if position == settings.max_tokens:
                     break
                 await asyncio.sleep(self.expert.engine.test_token_delay_s)
-                if position == 1 and "[[fail]]" in source:
+                if position == 1 and ("[[fail]]" in source or fault == "fail"):
                     raise EngineError("scripted failure during generation")
                 candidate = text + (" " if position else "") + word
                 stops = [candidate.find(s) for s in settings.stop if s in candidate]
