@@ -61,6 +61,22 @@ class Generation:
         return self.choices[0].text if self.choices else ""
 
 
+async def collect(deltas: AsyncIterator[tuple[int, GenerationDelta]], width: int = 1) -> Generation:
+    """A whole answer from its deltas; `width` is n, so that choice index // width names the prompt."""
+    choices: dict[int, Choice] = {}
+    prompt_tokens: dict[int, int] = {}
+    completion_tokens = 0
+    async with aclosing(deltas):
+        async for index, delta in deltas:
+            choice = choices.setdefault(index, Choice(index))
+            choice.text += delta.text
+            choice.finish_reason = delta.finish_reason or choice.finish_reason
+            prompt_tokens[index // width] = delta.prompt_tokens
+            completion_tokens += delta.new_tokens
+    return Generation(sorted(choices.values(), key=lambda c: c.index),
+                      Usage(sum(prompt_tokens.values()), completion_tokens))
+
+
 class CompletionService:
     def __init__(self, config: AppConfig, manager: ModelManager, router: Router, stats: Stats):
         self.config = config
@@ -146,18 +162,7 @@ class CompletionService:
                                          completion_tokens=completion_tokens, ttft=first_token, ok=ok)
 
     async def generate(self, expert: ExpertConfig, requests: list[GenerationRequest]) -> Generation:
-        choices: dict[int, Choice] = {}
-        prompt_tokens: dict[int, int] = {}
-        completion_tokens = 0
-        width = requests[0].sampling.n
-        async for index, delta in self.deltas(expert, requests):
-            choice = choices.setdefault(index, Choice(index))
-            choice.text += delta.text
-            choice.finish_reason = delta.finish_reason or choice.finish_reason
-            prompt_tokens[index // width] = delta.prompt_tokens
-            completion_tokens += delta.new_tokens
-        return Generation(sorted(choices.values(), key=lambda c: c.index),
-                          Usage(sum(prompt_tokens.values()), completion_tokens))
+        return await collect(self.deltas(expert, requests), requests[0].sampling.n)
 
 
 class Job:

@@ -143,3 +143,14 @@ def scripted_server(scripted_config, tmp_path_factory):
     server = Server("standard", scripted_config, tmp_path_factory.mktemp("scripted-log") / "s.log").wait_healthy()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_streaming_server(tmp_path_factory):
+    """One streaming server (the 8083 kind) on the real vLLM engine for the whole session."""
+    tmp = tmp_path_factory.mktemp("vllm-streaming")
+    path, _ = make_config(tmp, warmup=["qwen_coder"], max_loaded_experts=2)
+    server = Server("streaming", path, tmp / "streaming.log").wait_healthy()
+    server.wait_state("qwen_coder", "ready")
+    yield server
+    server.stop()

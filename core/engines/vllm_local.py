@@ -8,6 +8,7 @@ through a command queue and receives each step's outputs with call_soon_threadsa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import logging
@@ -26,10 +27,11 @@ from core.engines import (Engine, EngineError, EngineInfo, GenerationDelta, Gene
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 log = logging.getLogger(__name__)
 _STOP = object()
-_BUILD_LOCK = threading.Lock()  # custom-op registration and engine construction are process-global
+_VLLM_LOCK = threading.Lock()  # vLLM keeps process-global state (forward context, parallel groups): one engine at a time
 
 
-def _cpu_flags() -> dict[str, bool]:
+def cpu_flags() -> dict[str, bool]:
+    """What this machine offers that decides which engine options can be honoured."""
     import torch
     arch = platform.machine().lower()
     x86 = arch in ("x86_64", "amd64")
@@ -110,6 +112,18 @@ def _sampling_params(settings: SamplingSettings):
     )
 
 
+@contextlib.contextmanager
+def _keep_distributed_state():
+    """EngineCore.shutdown() tears down vLLM's process-wide parallel groups, which the other loaded engines still use."""
+    import vllm.v1.engine.core as engine_core
+    cleanup = engine_core.cleanup_dist_env_and_memory
+    engine_core.cleanup_dist_env_and_memory = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        engine_core.cleanup_dist_env_and_memory = cleanup
+
+
 def _release_memory() -> None:
     """Return freed engine memory to the OS, so an unloaded expert really gives its RAM back."""
     gc.collect()
@@ -149,8 +163,8 @@ class VLLMEngine(Engine):
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        kwargs, effective, warnings = resolve_engine_args(self.expert, _cpu_flags())
-        with _BUILD_LOCK:
+        kwargs, effective, warnings = resolve_engine_args(self.expert, cpu_flags())
+        with _VLLM_LOCK:
             registered: list[str] = []
             if self.expert.engine.neon_kernels:
                 try:
@@ -191,7 +205,8 @@ class VLLMEngine(Engine):
             self._post(self._fail_all, EngineError(f"engine for {self.expert.id} failed: {error}"))
         finally:
             try:
-                engine.engine_core.shutdown()
+                with _VLLM_LOCK, _keep_distributed_state():
+                    engine.engine_core.shutdown()
             finally:
                 del engine
                 _release_memory()
@@ -200,20 +215,21 @@ class VLLMEngine(Engine):
     def _serve(self, engine, tokenizer) -> None:
         while True:
             command = self._next_command(block=not engine.has_unfinished_requests())
-            while command is not None:
-                if command is _STOP:
-                    return
-                action, request_id, payload = command
-                if action == "add":
-                    self._add(engine, tokenizer, request_id, payload)
-                else:
-                    engine.abort_request([request_id])
-                command = self._next_command(block=False)
-            if engine.has_unfinished_requests():
-                outputs = engine.step()
-                if outputs:
-                    self._post(self._dispatch, outputs)
-            self._unfinished = engine.get_num_unfinished_requests()
+            with _VLLM_LOCK:
+                while command is not None:
+                    if command is _STOP:
+                        return
+                    action, request_id, payload = command
+                    if action == "add":
+                        self._add(engine, tokenizer, request_id, payload)
+                    else:
+                        engine.abort_request([request_id])
+                    command = self._next_command(block=False)
+                if engine.has_unfinished_requests():
+                    outputs = engine.step()
+                    if outputs:
+                        self._post(self._dispatch, outputs)
+                self._unfinished = engine.get_num_unfinished_requests()
 
     def _next_command(self, block: bool):
         try:
