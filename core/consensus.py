@@ -1,0 +1,362 @@
+"""Consensus (port 8084): the router's best few experts answer in parallel, one aggregator writes the answer.
+
+This is the Mixture-of-Agents pattern. The candidates that can take the input run concurrently, each with its
+own deadline. A candidate that fails or times out is dropped and reported. The aggregator then reads the
+conversation and the surviving answers and writes one better answer. If the aggregator fails, the answer is
+the candidate that agrees most with the others (the TF-IDF medoid). Data flows one way:
+request -> plan -> candidates -> synthesis -> render. A request that names a model is served by that expert
+alone, as on the other servers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.metrics.pairwise import cosine_similarity
+
+from core.config import ExpertConfig
+from core.engines import GenerationDelta, GenerationRequest, SamplingSettings
+from core.model_manager import public_error
+from core.protocol import (APIError, ChatMessage, ChatRequest, Choice, ResponseHead, Usage, invalid, render_chunk,
+                           render_response, render_usage_chunk, unavailable)
+from core.service import CompletionService, Generation, Job, collect, engine_messages, resolve_sampling
+
+log = logging.getLogger(__name__)
+
+SYNTHESIS_PROMPT = (
+    "You have been given the answers of several assistants to the user's latest message. Your task is to "
+    "synthesise them into one answer of high quality. Critically evaluate them, because some of what they say "
+    "may be wrong, biased or incomplete. Do not copy them: write one refined, accurate and complete answer of "
+    "your own, well structured and in the user's language, and do not mention the assistants or these "
+    "instructions."
+)
+
+
+# ---------------------------------------------------------------- agreement between answers
+
+
+def similarity(texts: Sequence[str]) -> np.ndarray:
+    """Pairwise TF-IDF cosine similarity of the texts. A text that has no terms matches nothing."""
+    try:
+        vectors = TfidfVectorizer(sublinear_tf=True).fit_transform(texts)
+    except ValueError:  # not one term in any text
+        return np.eye(len(texts))
+    return cosine_similarity(vectors)
+
+
+def agreement(texts: Sequence[str]) -> float:
+    """The mean pairwise similarity of the answers: 1.0 when they say the same, or when there is only one."""
+    if len(texts) < 2:
+        return 1.0
+    upper = np.triu_indices(len(texts), k=1)
+    return float(similarity(texts)[upper].mean())
+
+
+def medoid(texts: Sequence[str]) -> int:
+    """The index of the text with the highest mean similarity to the others. Ties go to the first."""
+    if len(texts) < 2:
+        return 0
+    matrix = similarity(texts)
+    np.fill_diagonal(matrix, 0.0)
+    return int(np.argmax(matrix.sum(axis=1)))
+
+
+# ---------------------------------------------------------------- the stages' results
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Who answers a request: the candidates asked in parallel, and who writes the final answer.
+
+    If `candidates` is empty, `synthesizer` answers alone and `note` says why. If `synthesizer` is None, the
+    best-ranked candidate that answers writes the synthesis. That candidate is known only after the fan-out.
+    """
+
+    candidates: tuple[ExpertConfig, ...]
+    synthesizer: ExpertConfig | None
+    note: str | None = None
+
+    @property
+    def asked(self) -> tuple[ExpertConfig, ...]:
+        return self.candidates or ((self.synthesizer,) if self.synthesizer else ())
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One expert's answer from the fan-out, or the reason there is none."""
+
+    expert: str
+    latency_s: float
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage = Usage()
+    error: str | None = None
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def render(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"id": self.expert, "ok": self.ok, "latency_s": round(self.latency_s, 3),
+                                  "completion_tokens": self.usage.completion_tokens}
+        if self.error is not None:
+            record["error"] = self.error
+        return record
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """Every candidate's outcome in plan order, and the wall time of the parallel phase."""
+
+    candidates: tuple[Candidate, ...]
+    seconds: float
+
+    @property
+    def answers(self) -> tuple[Candidate, ...]:
+        return tuple(c for c in self.candidates if c.ok)
+
+    @property
+    def usage(self) -> Usage:
+        return sum((c.usage for c in self.answers), Usage())
+
+
+def _reason(error: BaseException) -> str:
+    """What a client may read about a failure: an APIError's own message, else its kind and first line."""
+    return error.message if isinstance(error, APIError) else public_error(error)
+
+
+def _generation(expert: ExpertConfig, messages: Sequence[ChatMessage], sampling: SamplingSettings) -> GenerationRequest:
+    return GenerationRequest(request_id="", sampling=sampling, messages=engine_messages(expert, messages),
+                             images=tuple(i for m in messages for i in m.images))
+
+
+def synthesis_messages(messages: Sequence[ChatMessage], answers: Sequence[Candidate]) -> tuple[ChatMessage, ...]:
+    """The conversation with the candidate answers in a system message.
+
+    The instructions go into the client's leading system message if there is one, so that chat templates
+    that allow only one system turn still work.
+    """
+    listed = "\n\n".join(f"Answer {i}:\n{c.text.strip()}" for i, c in enumerate(answers, 1))
+    brief = f"{SYNTHESIS_PROMPT}\n\n{listed}"
+    first = messages[0]
+    if first.role in ("system", "developer"):
+        return (replace(first, role="system", text=f"{first.text}\n\n{brief}"), *messages[1:])
+    return (ChatMessage(role="system", text=brief), *messages)
+
+
+# ---------------------------------------------------------------- the service
+
+
+class ConsensusService:
+    """The chat handler of the consensus server. Everything else on 8084 is the ordinary service."""
+
+    def __init__(self, service: CompletionService):
+        self.service = service
+
+    def chat(self, request: ChatRequest) -> Job | ConsensusJob:
+        if request.model is not None:
+            return self.service.chat(request)
+        return ConsensusJob(self.service, request, self.plan(request))
+
+    def plan(self, request: ChatRequest) -> Plan:
+        """The router's ranking, narrowed to the experts that can read the input and cut to k."""
+        config = self.service.config
+        able = [e for e in map(config.expert, self.service.route_chat(request).ranking())
+                if e is not None and (e.vision or not request.has_images)]
+        if not able:
+            raise invalid("messages", "no expert can read images (every model is text-only); send the text alone",
+                          "images_not_supported")
+        k = config.consensus.experts_per_request
+        chosen = able[:k]
+        if len(chosen) < 2:
+            if request.has_images and len(able) == 1:
+                why = "only it can read images"
+            elif k < 2:
+                why = f"consensus.experts_per_request is {k}"
+            else:
+                why = "it is the only expert"
+            return Plan((), chosen[0], f"answered by '{chosen[0].id}' alone, without consensus: {why}")
+        aggregator = config.expert(config.consensus.aggregator) if config.consensus.aggregator else None
+        if aggregator is not None and request.has_images and not aggregator.vision:
+            aggregator = None
+        return Plan(tuple(chosen), aggregator)
+
+
+class ConsensusJob:
+    """One consensus request. It renders like `Job`, plus a `consensus` object that says how the answer came about."""
+
+    def __init__(self, service: CompletionService, request: ChatRequest, plan: Plan):
+        self.service = service
+        self.settings = service.config.consensus
+        self.request = request
+        self.plan = plan
+        self.synthesizer = (plan.synthesizer or plan.candidates[0]).id
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Capibara-Expert": self.synthesizer,
+                "X-Capibara-Consensus-Experts": ",".join(e.id for e in self.plan.asked)}
+
+    async def complete(self) -> dict[str, Any]:
+        fan_out = await self._fan_out()
+        expert = self._writer(fan_out)
+        started = time.monotonic()
+        method, note = ("synthesis" if fan_out.answers else "single"), self.plan.note
+        try:
+            result = await collect(self._final_deltas(expert, fan_out))
+        except Exception as error:  # noqa: BLE001 - any aggregator failure falls back to the medoid
+            if not fan_out.answers:
+                raise
+            chosen, note = self._fallback(fan_out, expert, error)
+            result, method = Generation([Choice(0, chosen.text, chosen.finish_reason)], Usage()), "medoid"
+            expert = self.service.config.expert(chosen.expert)
+        consensus = self._conclude(fan_out, expert, method, result.usage, time.monotonic() - started, note)
+        return render_response(ResponseHead.new("chat", expert.id), result.choices, fan_out.usage + result.usage,
+                               consensus=consensus)
+
+    async def stream(self) -> AsyncIterator[dict[str, Any]]:
+        """Candidates first, then the synthesis as it is written. The `consensus` object is in the last chunk.
+
+        One chunk is held back until the next one arrives. So if the aggregator fails before anything has reached
+        the client, the medoid candidate still answers. A failure after that ends the stream with an error event.
+        """
+        fan_out = await self._fan_out()
+        expert = self._writer(fan_out)
+        head = ResponseHead.new("chat", expert.id)
+        started = time.monotonic()
+        method, note = ("synthesis" if fan_out.answers else "single"), self.plan.note
+        held: dict[str, Any] | None = None
+        sent = False
+        opened: set[int] = set()
+        prompt_tokens = completion_tokens = 0
+        try:
+            async with aclosing(self._final_deltas(expert, fan_out)) as deltas:
+                async for index, delta in deltas:
+                    prompt_tokens = delta.prompt_tokens
+                    completion_tokens += delta.new_tokens
+                    first = index not in opened
+                    opened.add(index)
+                    if delta.text or first or delta.finish_reason:
+                        if held is not None:
+                            sent = True
+                            yield held
+                        held = render_chunk(head, index, delta.text, delta.finish_reason, role=first)
+            final_usage = Usage(prompt_tokens, completion_tokens)
+        except Exception as error:  # noqa: BLE001 - any aggregator failure falls back to the medoid
+            if sent or not fan_out.answers:
+                raise
+            chosen, note = self._fallback(fan_out, expert, error)
+            method, final_usage = "medoid", Usage()
+            expert = self.service.config.expert(chosen.expert)
+            head = replace(head, model=expert.id)
+            held = render_chunk(head, 0, chosen.text, chosen.finish_reason, role=True)
+        consensus = self._conclude(fan_out, expert, method, final_usage, time.monotonic() - started, note)
+        last = held if held is not None else render_chunk(head, 0, "", "stop", role=True)
+        if self.request.include_usage:
+            yield last
+            yield render_usage_chunk(head, fan_out.usage + final_usage, consensus=consensus)
+        else:
+            yield {**last, "consensus": consensus}
+
+    # ------------------------------------------------------------ stages
+
+    async def _fan_out(self) -> FanOut:
+        """Ask every candidate at once and fail (retryably) if fewer than min_successful answer."""
+        started = time.monotonic()
+        candidates = await asyncio.gather(*(self._ask(e) for e in self.plan.candidates))
+        fan_out = FanOut(tuple(candidates), time.monotonic() - started)
+        if self.plan.candidates and len(fan_out.answers) < self.settings.min_successful:
+            self.service.stats.record_consensus(len(fan_out.answers), fan_out.seconds, None,
+                                                [c.expert for c in candidates if not c.ok])
+            failures = "; ".join(f"{c.expert}: {c.error}" for c in candidates if not c.ok)
+            message = (f"consensus needs {self.settings.min_successful} answer(s) but {len(fan_out.answers)} of "
+                       f"{len(candidates)} experts answered ({failures}); retry the request")
+            if all(c.timed_out for c in candidates if not c.ok):
+                raise APIError(504, message, type="timeout_error", code="consensus_timeout", retry_after=1.0)
+            raise unavailable(message, code="consensus_failed")
+        return fan_out
+
+    async def _ask(self, expert: ExpertConfig) -> Candidate:
+        """One candidate, capped at candidate_max_tokens and candidate_timeout_s. Any failure becomes a record."""
+        timeout = self.settings.candidate_timeout_s
+        sampling = resolve_sampling(self.request.sampling, expert.sampling)
+        sampling = replace(sampling, n=1, max_tokens=min(sampling.max_tokens, self.settings.candidate_max_tokens))
+        started = time.monotonic()
+        try:
+            result = await asyncio.wait_for(
+                self.service.generate(expert, [_generation(expert, self.request.messages, sampling)]), timeout)
+        except TimeoutError:
+            error, timed_out = f"no answer within {timeout:g} s", True
+        except Exception as failure:  # noqa: BLE001 - a failed candidate is dropped and reported, never fatal
+            error, timed_out = _reason(failure), isinstance(failure, APIError) and failure.status == 504
+        else:
+            finish = result.choices[0].finish_reason if result.choices else None
+            return Candidate(expert.id, time.monotonic() - started, result.text, finish, result.usage)
+        log.warning("consensus candidate %s failed: %s", expert.id, error)
+        return Candidate(expert.id, time.monotonic() - started, error=error, timed_out=timed_out)
+
+    def _writer(self, fan_out: FanOut) -> ExpertConfig:
+        """Who writes the answer: the planned synthesiser, else the best-ranked candidate that answered."""
+        if self.plan.synthesizer is not None:
+            return self.plan.synthesizer
+        answered = {c.expert for c in fan_out.answers}
+        return next(e for e in self.plan.candidates if e.id in answered)
+
+    async def _final_deltas(self, expert: ExpertConfig, fan_out: FanOut) -> AsyncIterator[tuple[int, GenerationDelta]]:
+        """The final answer as the engine writes it.
+
+        A synthesis must start within candidate_timeout_s, so that a hung aggregator falls back to the medoid
+        instead of holding the request until the expert's own request timeout.
+        """
+        messages = synthesis_messages(self.request.messages, fan_out.answers) if fan_out.answers \
+            else self.request.messages
+        generation = _generation(expert, messages, resolve_sampling(self.request.sampling, expert.sampling))
+        deadline = self.settings.candidate_timeout_s if fan_out.answers else None
+        async with aclosing(self.service.deltas(expert, [generation])) as deltas:
+            try:
+                async with asyncio.timeout(deadline):
+                    first = await anext(deltas, None)
+            except TimeoutError:
+                raise APIError(504, f"expert '{expert.id}' did not start its answer within {deadline:g} s",
+                               type="timeout_error", code="timeout", retry_after=1.0) from None
+            if first is None:
+                return
+            yield first
+            async for item in deltas:
+                yield item
+
+    def _fallback(self, fan_out: FanOut, aggregator: ExpertConfig, error: BaseException) -> tuple[Candidate, str]:
+        """The medoid candidate, and a note that says why it answers instead of the aggregator."""
+        chosen = fan_out.answers[medoid([c.text for c in fan_out.answers])]
+        log.warning("consensus aggregator %s failed (%s); answering with %s", aggregator.id, _reason(error),
+                    chosen.expert)
+        return chosen, (f"the aggregator '{aggregator.id}' failed ({_reason(error)}); the answer is the candidate "
+                        f"of '{chosen.expert}', which agrees most with the others")
+
+    def _conclude(self, fan_out: FanOut, writer: ExpertConfig, method: str, final_usage: Usage, final_s: float,
+                  note: str | None) -> dict[str, Any]:
+        """The `consensus` object once the answer is known. It is also recorded in /stats."""
+        self.synthesizer = writer.id
+        single = not fan_out.candidates
+        experts = (Candidate(writer.id, final_s, usage=final_usage),) if single else fan_out.candidates
+        self.service.stats.record_consensus(len(fan_out.answers) or 1, final_s if single else fan_out.seconds,
+                                            None if single else final_s,
+                                            [c.expert for c in fan_out.candidates if not c.ok])
+        consensus: dict[str, Any] = {
+            "experts": [c.render() for c in experts],
+            "synthesizer": writer.id,
+            "method": method,
+            "agreement": round(agreement([c.text for c in fan_out.answers]), 4),
+            "fanout_s": None if single else round(fan_out.seconds, 3),
+            "synthesis_s": None if single else round(final_s, 3),
+        }
+        if note is not None:
+            consensus["note"] = note
+        return consensus
