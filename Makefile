@@ -33,5 +33,9 @@ stop:
 test: install models
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# Latency of every expert on a running standard server (start it with `make run`); report in results/.
+bench: install
+	$(BIN)/python -m bench.test_latency_safe --url http://127.0.0.1:8082 --out results/latency
+
 clean:
 	rm -rf $(VENV) models build *.egg-info

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Stop the three servers in parallel (each drains its in-flight requests first), each through its
+# own script so only the processes named by their pid files are signalled.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+pids=()
+for kind in "${CAPIBARA_KINDS[@]}"; do
+    "$CAPIBARA_SCRIPTS_DIR/${CAPIBARA_SCRIPTS[$kind]}" stop &
+    pids+=("$!")
+done
+failed=0
+for pid in "${pids[@]}"; do
+    wait "$pid" || failed=1
+done
+exit "$failed"
