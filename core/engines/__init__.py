@@ -50,7 +50,8 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class GenerationDelta:
-    """New text for one choice; `prompt_tokens` is the same on every delta of a request."""
+    """New text for one choice. `prompt_tokens` is the request's prompt size as known so far: a remote engine
+    learns it only from the upstream's final usage, so consumers keep the last delta's value."""
 
     index: int
     text: str
