@@ -46,9 +46,10 @@ def write_config(path: Path, config: dict) -> Path:
 class Server:
     """A server process started as an operator would, with its log kept for failure messages."""
 
-    def __init__(self, kind: str, config: Path, log: Path, env: dict[str, str] | None = None):
+    def __init__(self, kind: str, config: Path, log: Path, env: dict[str, str] | None = None,
+                 port: int | None = None):
         self.kind = kind
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._log_handle = open(log, "w")
@@ -111,8 +112,9 @@ def start_server(tmp_path):
     """Start servers for one test; all are stopped afterwards."""
     started: list[Server] = []
 
-    def start(kind: str, config: Path, env: dict[str, str] | None = None, wait: bool = True) -> Server:
-        server = Server(kind, config, tmp_path / f"{kind}-{len(started)}.log", env)
+    def start(kind: str, config: Path, env: dict[str, str] | None = None, wait: bool = True,
+              port: int | None = None) -> Server:
+        server = Server(kind, config, tmp_path / f"{kind}-{len(started)}.log", env, port)
         started.append(server)
         return server.wait_healthy() if wait else server
 
