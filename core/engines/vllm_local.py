@@ -164,20 +164,24 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.llm_engine import LLMEngine
 
         kwargs, effective, warnings = resolve_engine_args(self.expert, cpu_flags())
-        with _VLLM_LOCK:
+        with _VLLM_LOCK:  # the custom-op registry is process-global: register just for this build
             registered: list[str] = []
             if self.expert.engine.neon_kernels:
                 try:
-                    from neon_ext import vllm_ops
+                    from neon_ext import get_path, vllm_ops
                     registered = vllm_ops.register()
+                    effective["neon_kernels"] = {"ops": registered, "path": get_path()}
+                    if kwargs["dtype"] != "float32":
+                        warnings.append(f"neon_kernels are float32 kernels; with dtype={kwargs['dtype']} the "
+                                        "layers fall back to vLLM's own ops")
                 except Exception as error:  # an optional speed-up must never stop the expert
                     warnings.append(f"neon_kernels unavailable: {error}")
             try:
                 engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
             finally:
                 if registered:
-                    vllm_ops.unregister(registered)
-        effective["neon_kernels"] = registered
+                    vllm_ops.unregister()
+        effective.setdefault("neon_kernels", None)
         for warning in warnings:
             log.warning("%s: %s", self.expert.id, warning)
         self.info = EngineInfo(kind="vllm", effective=effective, warnings=warnings)

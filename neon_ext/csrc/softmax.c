@@ -1,0 +1,178 @@
+/* exp and numerically stable row softmax.
+ *
+ * softmax(s*x)_j = exp(s*x_j - m) / sum_k exp(s*x_k - m) with m = max_k s*x_k, so
+ * every exp argument is <= 0 and nothing overflows.  Three passes per row (max,
+ * exp + sum, scale).  The exp argument x*scale - m carries its rounding error
+ * (exact product error by FMA, subtraction error by TwoSum) into the exp as a
+ * low part, and the row sum is accumulated in double, so every output stays
+ * within about 1e-6 relative of the exact softmax for any row length and range. */
+#include "nx_kernels.h"
+#include "nx_vexp.h"
+
+/* ---- portable C ---- */
+
+static void exp_scalar(const float *x, float *y, size_t n)
+{
+    for (size_t i = 0; i < n; i++) y[i] = nx_exp_scalar(x[i]);
+}
+
+static void softmax_row_scalar(const float *x, float *y, size_t len, float scale)
+{
+    float m = -INFINITY;
+    for (size_t i = 0; i < len; i++) {
+        float v = x[i] * scale;
+        m = v > m ? v : m;
+    }
+    double sum = 0.0;
+    for (size_t i = 0; i < len; i++) {
+        /* the float product is exact in double; one rounding for the difference */
+        double z = (double)x[i] * scale - m;
+        float zh = (float)z;
+        float e = nx_exp_scalar_hl(zh, (float)(z - zh));
+        y[i] = e;
+        sum += e;
+    }
+    float inv = (float)(1.0 / sum);
+    for (size_t i = 0; i < len; i++) y[i] *= inv;
+}
+
+/* ---- AVX2 / FMA ---- */
+#if NX_HAVE_AVX2
+static NX_TARGET_AVX2 void exp_avx2(const float *x, float *y, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, nx_exp_avx2(_mm256_loadu_ps(x + i)));
+    for (; i < n; i++) y[i] = nx_exp_scalar(x[i]);
+}
+
+static NX_TARGET_AVX2 float hmax_avx2(__m256 v)
+{
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+static NX_TARGET_AVX2 void softmax_row_avx2(const float *x, float *y, size_t len, float scale)
+{
+    const __m256 vs = _mm256_set1_ps(scale);
+    size_t i = 0;
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (; i + 8 <= len; i += 8) vm = _mm256_max_ps(vm, _mm256_mul_ps(_mm256_loadu_ps(x + i), vs));
+    float m = hmax_avx2(vm);
+    for (; i < len; i++) {
+        float v = x[i] * scale;
+        m = v > m ? v : m;
+    }
+
+    const __m256 vmax = _mm256_set1_ps(m), vnegmax = _mm256_set1_ps(-m);
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    for (i = 0; i + 8 <= len; i += 8) {
+        __m256 xv = _mm256_loadu_ps(x + i);
+        __m256 p = _mm256_mul_ps(xv, vs), p_lo = _mm256_fmsub_ps(xv, vs, p);
+        __m256 z = _mm256_sub_ps(p, vmax), t = _mm256_sub_ps(z, p);
+        __m256 z_lo = _mm256_add_ps(_mm256_sub_ps(p, _mm256_sub_ps(z, t)), _mm256_sub_ps(vnegmax, t));
+        __m256 e = nx_exp_avx2_hl(z, _mm256_add_ps(z_lo, p_lo));
+        _mm256_storeu_ps(y + i, e);
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+    }
+    double part[4];
+    _mm256_storeu_pd(part, _mm256_add_pd(s0, s1));
+    double sum = (part[0] + part[1]) + (part[2] + part[3]);
+    for (; i < len; i++) {
+        double z = (double)x[i] * scale - m;
+        float zh = (float)z;
+        float e = nx_exp_scalar_hl(zh, (float)(z - zh));
+        y[i] = e;
+        sum += e;
+    }
+
+    const __m256 vinv = _mm256_set1_ps((float)(1.0 / sum));
+    for (i = 0; i + 8 <= len; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(y + i), vinv));
+    for (; i < len; i++) y[i] *= _mm256_cvtss_f32(vinv);
+}
+#endif
+
+/* ---- NEON ---- */
+#if NX_HAVE_NEON
+static void exp_neon(const float *x, float *y, size_t n)
+{
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, nx_exp_neon(vld1q_f32(x + i)));
+    for (; i < n; i++) y[i] = nx_exp_scalar(x[i]);
+}
+
+static void softmax_row_neon(const float *x, float *y, size_t len, float scale)
+{
+    size_t i = 0;
+    float32x4_t vm = vdupq_n_f32(-INFINITY);
+    for (; i + 4 <= len; i += 4) vm = vmaxq_f32(vm, vmulq_n_f32(vld1q_f32(x + i), scale));
+    float m = vmaxvq_f32(vm);
+    for (; i < len; i++) {
+        float v = x[i] * scale;
+        m = v > m ? v : m;
+    }
+
+    const float32x4_t vmax = vdupq_n_f32(m), vnegmax = vdupq_n_f32(-m), vs = vdupq_n_f32(scale);
+    float64x2_t s0 = vdupq_n_f64(0.0), s1 = vdupq_n_f64(0.0);
+    for (i = 0; i + 4 <= len; i += 4) {
+        float32x4_t xv = vld1q_f32(x + i);
+        float32x4_t p = vmulq_f32(xv, vs), p_lo = vfmaq_f32(vnegq_f32(p), xv, vs);
+        float32x4_t z = vsubq_f32(p, vmax), t = vsubq_f32(z, p);
+        float32x4_t z_lo = vaddq_f32(vsubq_f32(p, vsubq_f32(z, t)), vsubq_f32(vnegmax, t));
+        float32x4_t e = nx_exp_neon_hl(z, vaddq_f32(z_lo, p_lo));
+        vst1q_f32(y + i, e);
+        s0 = vaddq_f64(s0, vcvt_f64_f32(vget_low_f32(e)));
+        s1 = vaddq_f64(s1, vcvt_high_f64_f32(e));
+    }
+    double sum = vaddvq_f64(vaddq_f64(s0, s1));
+    for (; i < len; i++) {
+        double z = (double)x[i] * scale - m;
+        float zh = (float)z;
+        float e = nx_exp_scalar_hl(zh, (float)(z - zh));
+        y[i] = e;
+        sum += e;
+    }
+
+    const float inv = (float)(1.0 / sum);
+    for (i = 0; i + 4 <= len; i += 4) vst1q_f32(y + i, vmulq_n_f32(vld1q_f32(y + i), inv));
+    for (; i < len; i++) y[i] *= inv;
+}
+#endif
+
+void nx_exp(nx_path p, const float *x, float *y, size_t n)
+{
+#if NX_HAVE_AVX2
+    if (p == NX_AVX2) { exp_avx2(x, y, n); return; }
+#endif
+#if NX_HAVE_NEON
+    if (p == NX_NEON) { exp_neon(x, y, n); return; }
+#endif
+    (void)p;
+    exp_scalar(x, y, n);
+}
+
+void nx_softmax(nx_path p, const float *x, ptrdiff_t x_rs, float *y, ptrdiff_t y_rs,
+                size_t rows, size_t cols, float scale, int causal, size_t q_rows)
+{
+    void (*row)(const float *, float *, size_t, float) = softmax_row_scalar;
+#if NX_HAVE_AVX2
+    if (p == NX_AVX2) row = softmax_row_avx2;
+#endif
+#if NX_HAVE_NEON
+    if (p == NX_NEON) row = softmax_row_neon;
+#endif
+    for (size_t r = 0; r < rows; r++) {
+        const float *xr = x + (ptrdiff_t)r * x_rs;
+        float *yr = y + (ptrdiff_t)r * y_rs;
+        size_t len = cols;
+        if (causal) {
+            /* Queries are the last q_rows positions of the cols keys. */
+            ptrdiff_t lim = (ptrdiff_t)(r % q_rows) + (ptrdiff_t)cols - (ptrdiff_t)q_rows + 1;
+            len = lim <= 0 ? 0 : (size_t)lim < cols ? (size_t)lim : cols;
+        }
+        if (len > 0) row(xr, yr, len, scale);
+        for (size_t j = len; j < cols; j++) yr[j] = 0.0f;
+    }
+}
