@@ -81,6 +81,7 @@ def resolve_engine_args(expert: ExpertConfig, cpu: dict[str, bool]) -> tuple[dic
         "enable_chunked_prefill": options.enable_chunked_prefill,
         "enable_prefix_caching": options.enable_prefix_caching,
         "seed": options.seed,
+        "disable_log_stats": True,  # /stats and /metrics report per expert; vLLM's periodic log line is noise
     }
     if options.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = options.kv_cache_memory_bytes
@@ -122,6 +123,24 @@ def _keep_distributed_state():
         yield
     finally:
         engine_core.cleanup_dist_env_and_memory = cleanup
+
+
+def _fetch_images(parts) -> list:
+    """Decode data: URLs and fetch http(s) ones (the protocol admits nothing else) into PIL images."""
+    from vllm.multimodal.utils import MediaConnector
+    connector = MediaConnector()
+    try:
+        return [connector.fetch_image(part.url) for part in parts]
+    except Exception as error:  # noqa: BLE001 - an unreadable image is the client's to fix
+        raise ValueError(f"could not read an image: {type(error).__name__}") from None
+
+
+def _with_image_slots(messages: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """Put one image slot per image before the text of the last user turn, as vision chat templates expect."""
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    turn = messages[last_user]
+    messages[last_user] = {**turn, "content": [{"type": "image"}] * count + [{"type": "text", "text": turn["content"]}]}
+    return messages
 
 
 def _release_memory() -> None:
@@ -241,11 +260,12 @@ class VLLMEngine(Engine):
         except queue.Empty:
             return None
 
-    def _add(self, engine, tokenizer, request_id: str, request: GenerationRequest) -> None:
+    def _add(self, engine, tokenizer, request_id: str, payload: tuple[GenerationRequest, list]) -> None:
+        request, images = payload
         try:
             if request.messages is not None:
-                text = tokenizer.apply_chat_template(list(request.messages), tokenize=False,
-                                                     add_generation_prompt=True)
+                messages = _with_image_slots(list(request.messages), len(images)) if images else list(request.messages)
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                 ids = tokenizer.encode(text, add_special_tokens=False)
             else:
                 ids = tokenizer.encode(request.prompt)
@@ -256,7 +276,9 @@ class VLLMEngine(Engine):
             settings = request.sampling
             if settings.max_tokens > room:
                 settings = replace(settings, max_tokens=room)
-            engine.add_request(request_id, {"prompt_token_ids": ids}, _sampling_params(settings))
+            # With images, vLLM's multi-modal processor expands the template's image slots into image tokens.
+            prompt = {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt_token_ids": ids}
+            engine.add_request(request_id, prompt, _sampling_params(settings))
             self._unfinished = engine.get_num_unfinished_requests()
             self._post(self._deliver, request_id, len(ids))
         except Exception as error:  # noqa: BLE001 - goes back to that request only
@@ -283,9 +305,10 @@ class VLLMEngine(Engine):
         if not self._thread.is_alive():
             raise EngineError(f"engine for {self.expert.id} is not running")
         request_id = request.request_id
+        images = await asyncio.to_thread(_fetch_images, request.images) if request.images else []
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, request))
+        self._commands.put(("add", request_id, (request, images)))
         finished = False
         try:
             accepted = await stream.get()
