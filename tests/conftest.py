@@ -123,15 +123,20 @@ def start_server(tmp_path):
         server.stop()
 
 
+def warm_vllm_server(tmp_path_factory, kind: str, expert: str):
+    """A server of `kind` on the real vLLM engine with `expert` loaded, stopped when the generator closes."""
+    tmp = tmp_path_factory.mktemp(f"vllm-{kind}")
+    path, _ = make_config(tmp, warmup=[expert], max_loaded_experts=2)
+    server = Server(kind, path, tmp / f"{kind}.log").wait_healthy()
+    server.wait_state(expert, "ready")
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
     """One standard server on the real vLLM engine for the whole session (phi4_fast warm)."""
-    tmp = tmp_path_factory.mktemp("vllm")
-    path, _ = make_config(tmp, warmup=["phi4_fast"], max_loaded_experts=2)
-    server = Server("standard", path, tmp / "standard.log").wait_healthy()
-    server.wait_state("phi4_fast", "ready")
-    yield server
-    server.stop()
+    yield from warm_vllm_server(tmp_path_factory, "standard", "phi4_fast")
 
 
 @pytest.fixture(scope="session")
@@ -149,10 +154,5 @@ def scripted_server(scripted_config, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vllm_streaming_server(tmp_path_factory):
-    """One streaming server (the 8083 kind) on the real vLLM engine for the whole session."""
-    tmp = tmp_path_factory.mktemp("vllm-streaming")
-    path, _ = make_config(tmp, warmup=["qwen_coder"], max_loaded_experts=2)
-    server = Server("streaming", path, tmp / "streaming.log").wait_healthy()
-    server.wait_state("qwen_coder", "ready")
-    yield server
-    server.stop()
+    """One streaming server (the 8083 kind) on the real vLLM engine for the whole session (qwen_coder warm)."""
+    yield from warm_vllm_server(tmp_path_factory, "streaming", "qwen_coder")
