@@ -160,9 +160,10 @@ def test_aggregator_failure_falls_back_to_the_medoid_candidate(tmp_path, start_s
 
 def test_image_request_goes_to_the_only_vision_expert_alone(tmp_path, start_server):
     path, config = scripted(tmp_path)
+    for expert in config["experts"]:  # as in production: the multimodal expert's model reads images
+        expert["vision"] = expert["domain"] == "multimodal"
     vision = [e["id"] for e in config["experts"] if e["vision"]]
-    assert len(vision) == 1
-    server = start_server("consensus", path)
+    server = start_server("consensus", write_config(path, config))
     image = [{"role": "user", "content": [{"type": "text", "text": PROMPT},
                                           {"type": "image_url", "image_url": {"url": PNG}}]}]
 
