@@ -29,6 +29,7 @@ from core.stats import Stats
 
 log = logging.getLogger("capibara6")
 SERVER_KINDS = ("standard", "streaming", "consensus")
+AFTER_DRAIN_S = 1.0  # once the drain ends, time left to write the last answers; what still runs is cancelled
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -60,11 +61,13 @@ class Api:
         else:
             self.chat_jobs = self.service.chat
         self.api_key = os.environ.get(config.server.api_key_env) or None
+        self.requests_in_flight = 0
 
     # ------------------------------------------------------------ middleware
 
     @web.middleware
     async def errors(self, request: web.Request, handler) -> web.StreamResponse:
+        self.requests_in_flight += 1
         try:
             return await handler(request)
         except APIError as error:
@@ -85,6 +88,8 @@ class Api:
         except Exception:  # noqa: BLE001 - a bug of ours: log it, tell the client nothing internal
             log.exception("unhandled error on %s %s", request.method, request.path)
             return error_response(APIError(500, "internal server error", type="server_error"))
+        finally:
+            self.requests_in_flight -= 1
 
     @web.middleware
     async def auth(self, request: web.Request, handler) -> web.StreamResponse:
@@ -187,7 +192,7 @@ class Api:
     async def _drain(self) -> None:
         """On SIGTERM, let in-flight requests finish (up to the grace period) before engines stop."""
         deadline = asyncio.get_running_loop().time() + self.config.server.shutdown_grace_s
-        while self.manager.in_flight() and asyncio.get_running_loop().time() < deadline:
+        while self.requests_in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
 
 
@@ -217,5 +222,5 @@ def main(kind: str, argv: list[str] | None = None) -> None:
     app = Api(kind, config).application()
     log.info("capibara6 %s server on %s:%d with %s", kind, host, port, args.config)
     web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None,
-                shutdown_timeout=config.server.shutdown_grace_s + 5,
+                shutdown_timeout=AFTER_DRAIN_S,
                 print=lambda _: print(f"capibara6 {kind} server listening on http://{host}:{port}", flush=True))

@@ -133,6 +133,13 @@ class ModelManager:
         finally:
             expert.semaphore.release()
 
+    def request_outcome(self, expert_id: str, error: str | None) -> None:
+        """A request on a ready expert ended: its error (a timeout, an upstream failure) shows in /health until
+        a later one succeeds."""
+        expert = self._experts[expert_id]
+        if expert.state is ExpertState.READY:
+            expert.error = error
+
     def engine_failed(self, expert_id: str, error: BaseException) -> None:
         """A running engine died: mark the expert failed so the next request loads it again."""
         expert = self._experts[expert_id]
@@ -206,6 +213,7 @@ class ModelManager:
         engine, expert.engine = expert.engine, None
         if engine is not None:
             await engine.shutdown()
+            log.info("unloaded expert %s", expert.config.id)
         if expert.state is ExpertState.READY:
             expert.state = ExpertState.UNLOADED
 
@@ -237,6 +245,3 @@ class ModelManager:
                     "kind": engine.info.kind, "effective": engine.info.effective, "warnings": engine.info.warnings},
             }
         return out
-
-    def in_flight(self) -> int:
-        return sum(e.active for e in self._experts.values())

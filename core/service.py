@@ -131,7 +131,7 @@ class CompletionService:
         first_token: float | None = None
         prompt_tokens: dict[int, int] = {}
         completion_tokens = 0
-        ok = False
+        failed = False  # the expert's fault; a client's bad input or early exit is not
         try:
             async with asyncio.timeout(expert.request_timeout_s), self.manager.use(expert.id) as engine:
                 streams = [engine.generate(_with_id(r)) for r in requests]
@@ -143,23 +143,31 @@ class CompletionService:
                         if first_token is None and delta.new_tokens:
                             first_token = time.monotonic() - started
                         yield position * width + delta.index, delta
-            ok = True
+            self.manager.request_outcome(expert.id, None)
         except PromptTooLong as error:
             raise invalid("messages" if requests[0].messages is not None else "prompt", str(error),
                           "context_length_exceeded") from None
         except EngineError as error:
+            failed = True
             self.manager.engine_failed(expert.id, error)
             raise unavailable(f"expert '{expert.id}' failed while generating; retry the request",
                               code="engine_failed") from None
         except TimeoutError:
-            raise APIError(504, f"expert '{expert.id}' did not finish within {expert.request_timeout_s:g} s",
-                           type="timeout_error", code="timeout", retry_after=1.0) from None
+            failed = True
+            message = f"expert '{expert.id}' did not finish within {expert.request_timeout_s:g} s"
+            self.manager.request_outcome(expert.id, message)
+            raise APIError(504, message, type="timeout_error", code="timeout", retry_after=1.0) from None
         except ValueError as error:  # vLLM rejected the sampling parameters
             raise invalid(None, f"the engine rejected the request: {error}") from None
+        except APIError as error:  # from the model manager (loading, capacity) or a remote upstream
+            failed = error.status >= 500
+            if failed:
+                self.manager.request_outcome(expert.id, error.message)
+            raise
         finally:
             self.stats.record_generation(expert.id, seconds=time.monotonic() - started,
                                          prompt_tokens=sum(prompt_tokens.values()),
-                                         completion_tokens=completion_tokens, ttft=first_token, ok=ok)
+                                         completion_tokens=completion_tokens, ttft=first_token, ok=not failed)
 
     async def generate(self, expert: ExpertConfig, requests: list[GenerationRequest]) -> Generation:
         return await collect(self.deltas(expert, requests), requests[0].sampling.n)
