@@ -2,6 +2,7 @@
 and over real sockets: chat and text completions, sampling options, lazy loading, memory, failed loads."""
 import concurrent.futures
 import os
+import time
 
 import openai
 import pytest
@@ -92,3 +93,28 @@ def test_failed_real_load_then_recovery(tmp_path, start_server):
     recovered = requests.post(server.url + "/v1/chat/completions", json=body, timeout=120)
     assert recovered.status_code == 200, recovered.text
     assert "Paris" in recovered.json()["choices"][0]["message"]["content"]
+
+
+def test_idle_real_expert_is_unloaded_and_its_memory_returned(tmp_path, start_server):
+    path, _ = make_config(tmp_path, idle_timeout_s=4, idle_check_interval_s=0.5)
+    server = start_server("standard", path)
+
+    def use_until_idle_unload(model: str) -> int:
+        """RSS while the expert is loaded; returns once the idle reaper has unloaded it and freed its engine."""
+        body = {"model": model, "messages": FRANCE, "max_tokens": 8, "temperature": 0}
+        assert requests.post(server.url + "/v1/chat/completions", json=body, timeout=120).status_code == 200
+        loaded = server.rss_bytes()
+        server.wait_state(model, "unloaded", timeout=30)  # probing /health meanwhile does not count as use
+        deadline = time.monotonic() + 30
+        while server.stats()["experts"][model]["unloads"] < 1:  # counted once the engine is shut down
+            assert time.monotonic() < deadline, "the engine was never shut down"
+            time.sleep(0.2)
+        return loaded
+
+    use_until_idle_unload("phi4_fast")  # the first load also imports vLLM and torch, which stay
+    before = server.rss_bytes()
+    loaded = use_until_idle_unload("qwen_coder")
+    after = server.rss_bytes()
+    assert loaded - before > 300 * 2 ** 20, (before, loaded)
+    assert after - before < 0.35 * (loaded - before), (before, loaded, after)
+    assert server.stats()["experts"]["qwen_coder"]["unloads"] == 1
