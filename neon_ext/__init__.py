@@ -45,12 +45,20 @@ def info() -> dict:
     return {**_kernels.info(), "forced_by_env": _FORCED}
 
 
+#: torch.Tensor and torch.from_numpy once a torch tensor has been seen (neon_ext never imports
+#: torch itself); the decode fast path in softmax() compares against the exact type.
+_TorchTensor = None
+_from_numpy = None
+
+
 def _np(x, name: str):
     """(ndarray view of x, whether x is a torch tensor).  No copies."""
+    global _TorchTensor, _from_numpy
     if isinstance(x, np.ndarray):
         return x, False
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
+        _TorchTensor, _from_numpy = torch.Tensor, torch.from_numpy
         try:
             return x.numpy(), True  # the common case, kept cheap: decode steps call this per layer
         except (TypeError, RuntimeError):
@@ -103,6 +111,19 @@ def softmax(x, scale: float = 1.0, causal: bool = False, out=None):
     With ``causal``, row i of each [q, k] matrix (the last two axes) keeps columns
     j <= i + k - q (queries are the last q of k positions); masked entries are 0.
     """
+    # Decode fast path (plain CPU float tensor in, new tensor out): at 1..8 tokens the Python
+    # around the kernel costs more than the kernel, so skip the helpers; anything unusual
+    # (requires_grad, other devices, 0-d) takes the general path below, dtype and layout are
+    # still checked in C.
+    if out is None and type(x) is _TorchTensor:
+        try:
+            xa = x.numpy()
+        except (TypeError, RuntimeError):
+            xa = None
+        if xa is not None and xa.ndim:
+            oa = np.empty(xa.shape, np.float32)
+            _kernels.softmax(xa, oa, scale, causal)
+            return _from_numpy(oa)
     xa, t = _np(x, "x")
     oa = _out(out, _shape(xa, "x"), np.float32)
     _kernels.softmax(xa, oa, scale, causal)

@@ -67,10 +67,13 @@ static inline float nx_exp_scalar(float x) { return nx_exp_scalar_hl(x, 0.0f); }
  * the low part lo added in.  Otherwise (activations): the degree-5 fit, lo ignored,
  * and the result saturates at exp(NX_EXP_LO) and exp(NX_EXP_HI), which is exactly
  * right for 1 + exp(z) and saves the FMA-pipe work that bounds those loops. */
-static inline NX_TARGET_AVX2 __m256 nx_exp_avx2_core(__m256 x, __m256 lo, int accurate)
+static inline NX_TARGET_AVX2 __m256 nx_exp_avx2_core(__m256 x, __m256 lo, int accurate, int nonpos)
 {
-    /* max/min return their second operand when one is NaN, so NaN survives the clamp. */
-    __m256 xc = _mm256_min_ps(_mm256_set1_ps(NX_EXP_HI), _mm256_max_ps(_mm256_set1_ps(NX_EXP_LO), x));
+    /* max/min return their second operand when one is NaN, so NaN survives the clamp.
+     * nonpos: the caller guarantees x <= 0 or NaN (softmax), so the upper clamp and the
+     * +inf fix-up are skipped. */
+    __m256 xc = _mm256_max_ps(_mm256_set1_ps(NX_EXP_LO), x);
+    if (!nonpos) xc = _mm256_min_ps(_mm256_set1_ps(NX_EXP_HI), xc);
     __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(NX_LOG2E), _mm256_set1_ps(NX_EXP_SHIFTER));
     __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(NX_EXP_SHIFTER));
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(NX_LN2_HI), xc);
@@ -93,15 +96,17 @@ static inline NX_TARGET_AVX2 __m256 nx_exp_avx2_core(__m256 x, __m256 lo, int ac
     __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
     y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
     if (accurate) {
-        y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(NX_EXP_HI), _CMP_GT_OQ));
+        if (!nonpos)
+            y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(NX_EXP_HI), _CMP_GT_OQ));
         y = _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(NX_EXP_LO), _CMP_LT_OQ), y);
     }
     return y;
 }
 
-static inline NX_TARGET_AVX2 __m256 nx_exp_avx2(__m256 x) { return nx_exp_avx2_core(x, _mm256_setzero_ps(), 1); }
-static inline NX_TARGET_AVX2 __m256 nx_exp_avx2_hl(__m256 x, __m256 lo) { return nx_exp_avx2_core(x, lo, 1); }
-static inline NX_TARGET_AVX2 __m256 nx_exp_avx2_act(__m256 x) { return nx_exp_avx2_core(x, _mm256_setzero_ps(), 0); }
+static inline NX_TARGET_AVX2 __m256 nx_exp_avx2(__m256 x) { return nx_exp_avx2_core(x, _mm256_setzero_ps(), 1, 0); }
+/* softmax: x <= 0 (or NaN) */
+static inline NX_TARGET_AVX2 __m256 nx_exp_avx2_hl(__m256 x, __m256 lo) { return nx_exp_avx2_core(x, lo, 1, 1); }
+static inline NX_TARGET_AVX2 __m256 nx_exp_avx2_act(__m256 x) { return nx_exp_avx2_core(x, _mm256_setzero_ps(), 0, 0); }
 #endif
 
 #if NX_HAVE_NEON
