@@ -136,8 +136,7 @@ class Api:
         if "messages" in body:
             decision = self.service.route_chat(parse_chat_request(body))
         else:
-            prompts = parse_completion_request(body).prompts
-            decision = self.service.router.route_prompt(prompts[0])
+            decision = self.service.route_prompt(parse_completion_request(body))
         return json_response({"expert": decision.expert, "reason": decision.reason,
                               "confidence": decision.confidence, "scores": decision.scores,
                               "ranking": list(decision.ranking()), "elapsed_ms": decision.elapsed_ms})

@@ -22,11 +22,11 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 
 from core.config import ExpertConfig
-from core.engines import GenerationDelta, GenerationRequest, SamplingSettings
+from core.engines import GenerationDelta
 from core.model_manager import public_error
 from core.protocol import (APIError, ChatMessage, ChatRequest, Choice, ResponseHead, Usage, invalid, render_chunk,
                            render_response, render_usage_chunk, unavailable)
-from core.service import CompletionService, Generation, Job, collect, engine_messages, resolve_sampling
+from core.service import CompletionService, Generation, Job, chat_generation, collect, resolve_sampling
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,6 @@ class FanOut:
 def _reason(error: BaseException) -> str:
     """What a client may read about a failure: an APIError's own message, else its kind and first line."""
     return error.message if isinstance(error, APIError) else public_error(error)
-
-
-def _generation(expert: ExpertConfig, messages: Sequence[ChatMessage], sampling: SamplingSettings) -> GenerationRequest:
-    return GenerationRequest(request_id="", sampling=sampling, messages=engine_messages(expert, messages),
-                             images=tuple(i for m in messages for i in m.images))
 
 
 def synthesis_messages(messages: Sequence[ChatMessage], answers: Sequence[Candidate]) -> tuple[ChatMessage, ...]:
@@ -291,7 +286,7 @@ class ConsensusJob:
         started = time.monotonic()
         try:
             result = await asyncio.wait_for(
-                self.service.generate(expert, [_generation(expert, self.request.messages, sampling)]), timeout)
+                self.service.generate(expert, [chat_generation(expert, self.request.messages, sampling)]), timeout)
         except TimeoutError:
             error, timed_out = f"no answer within {timeout:g} s", True
         except Exception as failure:  # noqa: BLE001 - a failed candidate is dropped and reported, never fatal
@@ -317,7 +312,7 @@ class ConsensusJob:
         """
         messages = synthesis_messages(self.request.messages, fan_out.answers) if fan_out.answers \
             else self.request.messages
-        generation = _generation(expert, messages, resolve_sampling(self.request.sampling, expert.sampling))
+        generation = chat_generation(expert, messages, resolve_sampling(self.request.sampling, expert.sampling))
         deadline = self.settings.candidate_timeout_s if fan_out.answers else None
         async with aclosing(self.service.deltas(expert, [generation])) as deltas:
             try:

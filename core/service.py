@@ -49,6 +49,13 @@ def engine_messages(expert: ExpertConfig, messages: Sequence[ChatMessage]) -> tu
     return tuple(turns)
 
 
+def chat_generation(expert: ExpertConfig, messages: Sequence[ChatMessage], sampling: SamplingSettings
+                    ) -> GenerationRequest:
+    """A chat turn for the engine: the expert's view of the conversation, its images kept aside."""
+    return GenerationRequest(request_id="", sampling=sampling, messages=engine_messages(expert, messages),
+                             images=tuple(image for message in messages for image in message.images))
+
+
 @dataclass
 class Generation:
     """The outcome of a finished generation: choices by index and the token usage."""
@@ -87,7 +94,13 @@ class CompletionService:
     # ------------------------------------------------------------ choosing the expert
 
     def route_chat(self, request: ChatRequest) -> RouteDecision:
-        decision = self.router.route(request.messages)
+        return self._recorded(self.router.route(request.messages))
+
+    def route_prompt(self, request: CompletionRequest) -> RouteDecision:
+        """A text completion is routed by its first prompt."""
+        return self._recorded(self.router.route_prompt(request.prompts[0]))
+
+    def _recorded(self, decision: RouteDecision) -> RouteDecision:
         self.stats.record_route(decision.expert, decision.elapsed_ms)
         return decision
 
@@ -106,18 +119,11 @@ class CompletionService:
         if request.has_images and not expert.vision:
             raise invalid("messages", f"expert '{expert.id}' cannot read images (its model is text-only); "
                                       "send the text alone or use a vision-capable expert", "images_not_supported")
-        generation = GenerationRequest(request_id="", sampling=resolve_sampling(request.sampling, expert.sampling),
-                                       messages=engine_messages(expert, request.messages),
-                                       images=tuple(i for m in request.messages for i in m.images))
+        generation = chat_generation(expert, request.messages, resolve_sampling(request.sampling, expert.sampling))
         return Job(self, "chat", expert, decision, [generation], request.include_usage)
 
     def completion(self, request: CompletionRequest) -> "Job":
-        def route() -> RouteDecision:
-            decision = self.router.route_prompt(request.prompts[0])
-            self.stats.record_route(decision.expert, decision.elapsed_ms)
-            return decision
-
-        expert, decision = self.select(request.model, route)
+        expert, decision = self.select(request.model, lambda: self.route_prompt(request))
         sampling = resolve_sampling(request.sampling, expert.sampling)
         generations = [GenerationRequest(request_id="", sampling=sampling, prompt=p) for p in request.prompts]
         return Job(self, "text", expert, decision, generations, request.include_usage)

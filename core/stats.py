@@ -112,7 +112,8 @@ class Stats:
         self.route_decisions: Counter[str] = Counter()
         self.route_latency = Samples()
         self.client_errors: Counter[int] = Counter()
-        self.consensus: dict[str, float] = Counter()
+        self.consensus_requests = 0
+        self.consensus_experts_used = 0
         self.consensus_failures: Counter[str] = Counter()
         self.consensus_fanout = Samples()
         self.consensus_synthesis = Samples()
@@ -169,8 +170,8 @@ class Stats:
 
     def record_consensus(self, experts_used: int, fanout_s: float, synthesis_s: float | None,
                          failed: list[str]) -> None:
-        self.consensus["requests"] += 1
-        self.consensus["experts_used"] += experts_used
+        self.consensus_requests += 1
+        self.consensus_experts_used += experts_used
         self.consensus_fanout.add(fanout_s)
         if synthesis_s is not None:
             self.consensus_synthesis.add(synthesis_s)
@@ -181,7 +182,6 @@ class Stats:
         experts = {}
         for expert_id, state in expert_states.items():
             experts[expert_id] = {**state, **self.expert(expert_id).render()}
-        consensus_requests = self.consensus["requests"]
         return {
             "server": self.server,
             "uptime_s": round(time.monotonic() - self.started, 1),
@@ -193,9 +193,9 @@ class Stats:
             },
             "client_errors": {str(k): v for k, v in sorted(self.client_errors.items())},
             "consensus": {
-                "requests": int(consensus_requests),
-                "mean_experts_used": (self.consensus["experts_used"] / consensus_requests
-                                      if consensus_requests else None),
+                "requests": self.consensus_requests,
+                "mean_experts_used": (self.consensus_experts_used / self.consensus_requests
+                                      if self.consensus_requests else None),
                 "failures": dict(self.consensus_failures),
                 "fanout_s": self.consensus_fanout.summary(50, 95),
                 "synthesis_s": self.consensus_synthesis.summary(50, 95),

@@ -6,7 +6,7 @@ import json
 import pytest
 import requests
 
-from tests.conftest import make_config, write_config
+from tests.conftest import make_config
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 

@@ -60,6 +60,17 @@ class GenerationDelta:
     finish_reason: str | None = None
 
 
+def images_in_last_user_turn(messages: tuple[dict[str, Any], ...], image_parts: list[dict[str, Any]]
+                             ) -> list[dict[str, Any]]:
+    """The request keeps images aside (core.protocol.ImagePart); an engine puts its own form of them back
+    into the last user turn, after its text, as OpenAI clients send them and vision chat templates accept them."""
+    turns = [dict(message) for message in messages]
+    if image_parts:
+        last = max(i for i, turn in enumerate(turns) if turn["role"] == "user")
+        turns[last]["content"] = [{"type": "text", "text": turns[last]["content"]}, *image_parts]
+    return turns
+
+
 @dataclass
 class EngineInfo:
     """What an engine actually runs with, for /v1/models and /stats."""

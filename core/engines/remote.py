@@ -16,7 +16,8 @@ import aiohttp
 import orjson
 
 from core.config import ExpertConfig
-from core.engines import Engine, EngineError, EngineInfo, GenerationDelta, GenerationRequest
+from core.engines import (Engine, EngineError, EngineInfo, GenerationDelta, GenerationRequest,
+                          images_in_last_user_turn)
 from core.protocol import APIError, unavailable
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ class RemoteEngine(Engine):
             "frequency_penalty": settings.frequency_penalty,
         }
         if request.messages is not None:
-            body["messages"] = _with_images(request.messages, request.images)
+            body["messages"] = images_in_last_user_turn(
+                request.messages, [{"type": "image_url", "image_url": {"url": image.url}} for image in request.images])
         else:
             body["prompt"] = request.prompt
         if settings.top_k > 0:
@@ -205,16 +207,6 @@ async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[st
                 return
             yield orjson.loads(payload)
     raise aiohttp.ClientPayloadError("the stream ended before [DONE]")
-
-
-def _with_images(messages: tuple[dict[str, Any], ...], images: tuple[Any, ...]) -> list[dict[str, Any]]:
-    """The engine request keeps images aside (core.protocol.ImagePart): they go back into the last user turn."""
-    turns = [dict(message) for message in messages]
-    if images:
-        last = max(i for i, turn in enumerate(turns) if turn["role"] == "user")
-        turns[last]["content"] = [{"type": "text", "text": turns[last]["content"]},
-                                  *({"type": "image_url", "image_url": {"url": image.url}} for image in images)]
-    return turns
 
 
 def _error_fields(payload: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from core.config import ExpertConfig
 from core.engines import (Engine, EngineError, EngineInfo, GenerationDelta, GenerationRequest, PromptTooLong,
-                          SamplingSettings)
+                          SamplingSettings, images_in_last_user_turn)
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 log = logging.getLogger(__name__)
@@ -133,14 +133,6 @@ def _fetch_images(parts) -> list:
         return [connector.fetch_image(part.url) for part in parts]
     except Exception as error:  # noqa: BLE001 - an unreadable image is the client's to fix
         raise ValueError(f"could not read an image: {type(error).__name__}") from None
-
-
-def _with_image_slots(messages: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    """Put one image slot per image before the text of the last user turn, as vision chat templates expect."""
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    turn = messages[last_user]
-    messages[last_user] = {**turn, "content": [{"type": "image"}] * count + [{"type": "text", "text": turn["content"]}]}
-    return messages
 
 
 def _release_memory() -> None:
@@ -264,7 +256,7 @@ class VLLMEngine(Engine):
         request, images = payload
         try:
             if request.messages is not None:
-                messages = _with_image_slots(list(request.messages), len(images)) if images else list(request.messages)
+                messages = images_in_last_user_turn(request.messages, [{"type": "image"}] * len(images))
                 text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                 ids = tokenizer.encode(text, add_special_tokens=False)
             else:
