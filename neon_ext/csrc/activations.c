@@ -50,7 +50,7 @@ static inline NX_TARGET_AVX2 __m256 div_1pe_avx2(__m256 x, __m256 e)
 
 static inline NX_TARGET_AVX2 __m256 silu_avx2(__m256 x)
 {
-    return div_1pe_avx2(x, nx_exp_avx2_act(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+    return div_1pe_avx2(x, nx_expneg_avx2_act(x));
 }
 
 static inline NX_TARGET_AVX2 __m256 gelu_avx2(__m256 x)

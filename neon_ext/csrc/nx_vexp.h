@@ -66,35 +66,47 @@ static inline float nx_exp_scalar(float x) { return nx_exp_scalar_hl(x, 0.0f); }
 /* accurate: the degree-6 polynomial, +inf above NX_EXP_HI, 0 below NX_EXP_LO, and
  * the low part lo added in.  Otherwise (activations): the degree-5 fit, lo ignored,
  * and the result saturates at exp(NX_EXP_LO) and exp(NX_EXP_HI), which is exactly
- * right for 1 + exp(z) and saves the FMA-pipe work that bounds those loops. */
-static inline NX_TARGET_AVX2 __m256 nx_exp_avx2_core(__m256 x, __m256 lo, int accurate, int nonpos)
+ * right for 1 + exp(z).  neg computes exp(-x) without a separate negation.
+ *
+ * These loops are bound by latency, not by issue width: the out-of-order window
+ * holds only a few vectors' worth of this chain.  So the polynomial is evaluated
+ * in Estrin form, the low-order reduction terms are summed off the critical path,
+ * and 2^n is folded into the last FMA, y = q*2^n + 2^n with q = e^r - 1.  The
+ * clamp keeps n <= 127, so 2^n is always a finite normal. */
+static inline NX_TARGET_AVX2 __attribute__((always_inline)) __m256
+nx_exp_avx2_core(__m256 x, __m256 lo, const int accurate, const int nonpos, const int neg)
 {
     /* max/min return their second operand when one is NaN, so NaN survives the clamp.
      * nonpos: the caller guarantees x <= 0 or NaN (softmax), so the upper clamp and the
      * +inf fix-up are skipped. */
-    __m256 xc = _mm256_max_ps(_mm256_set1_ps(NX_EXP_LO), x);
-    if (!nonpos) xc = _mm256_min_ps(_mm256_set1_ps(NX_EXP_HI), xc);
-    __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(NX_LOG2E), _mm256_set1_ps(NX_EXP_SHIFTER));
-    __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(NX_EXP_SHIFTER));
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(NX_LN2_HI), xc);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(NX_LN2_LO), r);
-    __m256 p;
-    if (accurate) {
-        r = _mm256_add_ps(r, lo);
-        p = _mm256_set1_ps(NX_EXP_P0);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(NX_EXP_P1));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(NX_EXP_P2));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(NX_EXP_P3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(NX_EXP_P4));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(NX_EXP_P5));
-    } else {
-        p = _mm256_set1_ps(NX_EXP_Q0);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(NX_EXP_Q1));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(NX_EXP_Q2));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(NX_EXP_Q3));
+    __m256 xc;
+    if (neg) /* clamp x to [-HI, -LO]: the same range for -x */
+        xc = _mm256_min_ps(_mm256_set1_ps(-NX_EXP_LO), _mm256_max_ps(_mm256_set1_ps(-NX_EXP_HI), x));
+    else {
+        xc = _mm256_max_ps(_mm256_set1_ps(NX_EXP_LO), x);
+        if (!nonpos) xc = _mm256_min_ps(_mm256_set1_ps(NX_EXP_HI), xc);
     }
-    __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
+    __m256 t = neg ? _mm256_fnmadd_ps(xc, _mm256_set1_ps(NX_LOG2E), _mm256_set1_ps(NX_EXP_SHIFTER))
+                   : _mm256_fmadd_ps(xc, _mm256_set1_ps(NX_LOG2E), _mm256_set1_ps(NX_EXP_SHIFTER));
+    __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(NX_EXP_SHIFTER));
+    __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+    /* r = (+-x - n*LN2_HI) + (lo - n*LN2_LO); the first difference is exact */
+    __m256 c = _mm256_fnmadd_ps(n, _mm256_set1_ps(NX_LN2_LO), accurate ? lo : _mm256_setzero_ps());
+    __m256 r = neg ? _mm256_fnmsub_ps(n, _mm256_set1_ps(NX_LN2_HI), xc)
+                   : _mm256_fnmadd_ps(n, _mm256_set1_ps(NX_LN2_HI), xc);
+    r = _mm256_add_ps(r, c);
+    __m256 r2 = _mm256_mul_ps(r, r), p;
+    if (accurate) {
+        __m256 a = _mm256_fmadd_ps(_mm256_set1_ps(NX_EXP_P4), r, _mm256_set1_ps(NX_EXP_P5));
+        __m256 b = _mm256_fmadd_ps(_mm256_set1_ps(NX_EXP_P2), r, _mm256_set1_ps(NX_EXP_P3));
+        __m256 d = _mm256_fmadd_ps(_mm256_set1_ps(NX_EXP_P0), r, _mm256_set1_ps(NX_EXP_P1));
+        p = _mm256_fmadd_ps(_mm256_fmadd_ps(d, r2, b), r2, a);
+    } else {
+        __m256 a = _mm256_fmadd_ps(_mm256_set1_ps(NX_EXP_Q2), r, _mm256_set1_ps(NX_EXP_Q3));
+        __m256 b = _mm256_fmadd_ps(_mm256_set1_ps(NX_EXP_Q0), r, _mm256_set1_ps(NX_EXP_Q1));
+        p = _mm256_fmadd_ps(b, r2, a);
+    }
+    __m256 y = _mm256_fmadd_ps(_mm256_fmadd_ps(p, r2, r), s, s);
     if (accurate) {
         if (!nonpos)
             y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(NX_EXP_HI), _CMP_GT_OQ));
@@ -103,10 +115,12 @@ static inline NX_TARGET_AVX2 __m256 nx_exp_avx2_core(__m256 x, __m256 lo, int ac
     return y;
 }
 
-static inline NX_TARGET_AVX2 __m256 nx_exp_avx2(__m256 x) { return nx_exp_avx2_core(x, _mm256_setzero_ps(), 1, 0); }
+static inline NX_TARGET_AVX2 __m256 nx_exp_avx2(__m256 x) { return nx_exp_avx2_core(x, _mm256_setzero_ps(), 1, 0, 0); }
 /* softmax: x <= 0 (or NaN) */
-static inline NX_TARGET_AVX2 __m256 nx_exp_avx2_hl(__m256 x, __m256 lo) { return nx_exp_avx2_core(x, lo, 1, 1); }
-static inline NX_TARGET_AVX2 __m256 nx_exp_avx2_act(__m256 x) { return nx_exp_avx2_core(x, _mm256_setzero_ps(), 0, 0); }
+static inline NX_TARGET_AVX2 __m256 nx_exp_avx2_hl(__m256 x, __m256 lo) { return nx_exp_avx2_core(x, lo, 1, 1, 0); }
+static inline NX_TARGET_AVX2 __m256 nx_exp_avx2_act(__m256 x) { return nx_exp_avx2_core(x, _mm256_setzero_ps(), 0, 0, 0); }
+/* exp(-x) for the activations */
+static inline NX_TARGET_AVX2 __m256 nx_expneg_avx2_act(__m256 x) { return nx_exp_avx2_core(x, _mm256_setzero_ps(), 0, 0, 1); }
 #endif
 
 #if NX_HAVE_NEON

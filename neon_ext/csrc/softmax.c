@@ -61,10 +61,18 @@ softmax_row_avx2_body(const float *x, float *y, size_t len, float scale, const i
 {
     const __m256 vs = _mm256_set1_ps(scale);
     size_t i = 0;
-    __m256 vm = _mm256_set1_ps(-INFINITY);
-    for (; i + 8 <= len; i += 8)
-        vm = _mm256_max_ps(vm, unit ? _mm256_loadu_ps(x + i) : _mm256_mul_ps(_mm256_loadu_ps(x + i), vs));
-    float m = hmax_avx2(vm);
+    /* four running maxima, so the loop is bound by loads rather than by max latency */
+    __m256 vm0 = _mm256_set1_ps(-INFINITY), vm1 = vm0, vm2 = vm0, vm3 = vm0;
+#define SOFTMAX_LOAD(j) (unit ? _mm256_loadu_ps(x + (j)) : _mm256_mul_ps(_mm256_loadu_ps(x + (j)), vs))
+    for (; i + 32 <= len; i += 32) {
+        vm0 = _mm256_max_ps(vm0, SOFTMAX_LOAD(i));
+        vm1 = _mm256_max_ps(vm1, SOFTMAX_LOAD(i + 8));
+        vm2 = _mm256_max_ps(vm2, SOFTMAX_LOAD(i + 16));
+        vm3 = _mm256_max_ps(vm3, SOFTMAX_LOAD(i + 24));
+    }
+    for (; i + 8 <= len; i += 8) vm0 = _mm256_max_ps(vm0, SOFTMAX_LOAD(i));
+#undef SOFTMAX_LOAD
+    float m = hmax_avx2(_mm256_max_ps(_mm256_max_ps(vm0, vm1), _mm256_max_ps(vm2, vm3)));
     for (; i < len; i++) {
         float v = x[i] * scale;
         m = v > m ? v : m;
