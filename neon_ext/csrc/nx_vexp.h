@@ -11,8 +11,8 @@
  * below ulp(hi) and fold lo into r: exp is ill-conditioned in absolute terms
  * (an argument error d is a relative result error d), so softmax passes the
  * rounding error of x*scale - max as lo to stay within 1e-6 for any input.
- * The _act variants, for the activations, use a degree-5 fit (1.1e-7) and
- * saturate instead of returning inf/0. */
+ * The _act variants, for the activations, use a degree-5 fit (1.1e-7), reduce
+ * with one rounded ln2 (below 2e-7 more) and saturate instead of returning inf/0. */
 #ifndef NX_VEXP_H
 #define NX_VEXP_H
 
@@ -22,6 +22,7 @@
 #define NX_EXP_HI 88.3762626647949f
 #define NX_EXP_LO -87.3365478515625f
 #define NX_LOG2E 1.44269504088896341f
+#define NX_LN2 0.693147182f
 #define NX_LN2_HI 0.693359375f
 #define NX_LN2_LO -2.12194440e-4f
 #define NX_EXP_P0 1.9875691500e-4f
@@ -90,11 +91,13 @@ nx_exp_avx2_core(__m256 x, __m256 lo, const int accurate, const int nonpos, cons
                    : _mm256_fmadd_ps(xc, _mm256_set1_ps(NX_LOG2E), _mm256_set1_ps(NX_EXP_SHIFTER));
     __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(NX_EXP_SHIFTER));
     __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
-    /* r = (+-x - n*LN2_HI) + (lo - n*LN2_LO); the first difference is exact */
-    __m256 c = _mm256_fnmadd_ps(n, _mm256_set1_ps(NX_LN2_LO), accurate ? lo : _mm256_setzero_ps());
-    __m256 r = neg ? _mm256_fnmsub_ps(n, _mm256_set1_ps(NX_LN2_HI), xc)
-                   : _mm256_fnmadd_ps(n, _mm256_set1_ps(NX_LN2_HI), xc);
-    r = _mm256_add_ps(r, c);
+    __m256 r;
+    if (accurate) { /* r = (x - n*LN2_HI) + (lo - n*LN2_LO); the first difference is exact */
+        __m256 c = _mm256_fnmadd_ps(n, _mm256_set1_ps(NX_LN2_LO), lo);
+        r = _mm256_add_ps(_mm256_fnmadd_ps(n, _mm256_set1_ps(NX_LN2_HI), xc), c);
+    } else { /* one rounded ln2: |n| <= 127 makes that an error below 2e-7 */
+        r = neg ? _mm256_fnmsub_ps(n, _mm256_set1_ps(NX_LN2), xc) : _mm256_fnmadd_ps(n, _mm256_set1_ps(NX_LN2), xc);
+    }
     __m256 r2 = _mm256_mul_ps(r, r), p;
     if (accurate) {
         __m256 a = _mm256_fmadd_ps(_mm256_set1_ps(NX_EXP_P4), r, _mm256_set1_ps(NX_EXP_P5));
