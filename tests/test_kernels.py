@@ -146,6 +146,19 @@ def test_softmax(path, cols, scale):
     assert np.allclose(got.sum(-1), 1.0, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("width", [15.99, 16.01, 40.0])  # AVX2 skips the TwoSum term below a row range of 16
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_softmax_row_range_either_side_of_the_exact_threshold(path, width, scale):
+    # the max near 0.7 and the rest far below: x*scale - max then rounds by up to half an ulp of the result
+    r = rng(7)
+    scale = np.float32(scale)
+    for cols in (9, 64, 4095):
+        x = ((0.7 - r.uniform(0, width, (6, cols))) / scale).astype(np.float32)
+        x[:, 0] = x.max()  # pin the range at the requested width
+        x[:, 1] = x[:, 0] - np.float32(width / scale)
+        assert_rel(neon_ext.softmax(x, scale=float(scale)), softmax_ref(x, scale), 1e-6)
+
+
 def test_softmax_large_inputs_and_neg_inf(path):
     x = randn(3, 65, seed=1, scale=1e4)
     x[1, ::3] = -np.inf

@@ -54,41 +54,46 @@ static NX_TARGET_AVX2 float hmax_avx2(__m256 v)
     return _mm_cvtss_f32(m);
 }
 
-/* unit (scale == 1, the common case) is a constant after inlining: the products are
- * then exact, so their multiply and error term drop out of both loops. */
-static inline NX_TARGET_AVX2 __attribute__((always_inline)) void
-softmax_row_avx2_body(const float *x, float *y, size_t len, float scale, const int unit)
+/* exp(z + lo) for -16 < z <= 0 (lo: a tiny correction, used when has_lo), which is all
+ * the non-exact softmax path needs: no clamps or special cases, and one rounded ln2
+ * (|n| <= 24 keeps that error below 5e-8). */
+static inline NX_TARGET_AVX2 __attribute__((always_inline)) __m256 exp_bounded_avx2(__m256 z, __m256 lo, const int has_lo)
 {
-    const __m256 vs = _mm256_set1_ps(scale);
-    size_t i = 0;
-    /* four running maxima, so the loop is bound by loads rather than by max latency */
-    __m256 vm0 = _mm256_set1_ps(-INFINITY), vm1 = vm0, vm2 = vm0, vm3 = vm0;
-#define SOFTMAX_LOAD(j) (unit ? _mm256_loadu_ps(x + (j)) : _mm256_mul_ps(_mm256_loadu_ps(x + (j)), vs))
-    for (; i + 32 <= len; i += 32) {
-        vm0 = _mm256_max_ps(vm0, SOFTMAX_LOAD(i));
-        vm1 = _mm256_max_ps(vm1, SOFTMAX_LOAD(i + 8));
-        vm2 = _mm256_max_ps(vm2, SOFTMAX_LOAD(i + 16));
-        vm3 = _mm256_max_ps(vm3, SOFTMAX_LOAD(i + 24));
-    }
-    for (; i + 8 <= len; i += 8) vm0 = _mm256_max_ps(vm0, SOFTMAX_LOAD(i));
-#undef SOFTMAX_LOAD
-    float m = hmax_avx2(_mm256_max_ps(_mm256_max_ps(vm0, vm1), _mm256_max_ps(vm2, vm3)));
-    for (; i < len; i++) {
-        float v = x[i] * scale;
-        m = v > m ? v : m;
-    }
+    __m256 t = _mm256_fmadd_ps(z, _mm256_set1_ps(NX_LOG2E), _mm256_set1_ps(NX_EXP_SHIFTER));
+    __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(NX_EXP_SHIFTER));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(NX_LN2), z);
+    if (has_lo) r = _mm256_add_ps(r, lo);
+    __m256 r2 = _mm256_mul_ps(r, r);
+    __m256 a = _mm256_fmadd_ps(_mm256_set1_ps(NX_EXP_P4), r, _mm256_set1_ps(NX_EXP_P5));
+    __m256 b = _mm256_fmadd_ps(_mm256_set1_ps(NX_EXP_P2), r, _mm256_set1_ps(NX_EXP_P3));
+    __m256 d = _mm256_fmadd_ps(_mm256_set1_ps(NX_EXP_P0), r, _mm256_set1_ps(NX_EXP_P1));
+    __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+    return _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_fmadd_ps(d, r2, b), r2, a), r2, r), s, s);
+}
 
-    const __m256 vmax = _mm256_set1_ps(m), vnegmax = _mm256_set1_ps(-m);
+/* exp(x*scale - m) into y, their sum returned.  unit (scale == 1, the common case) and
+ * exact_z are constants after inlining.  unit: the products are exact, so their
+ * multiply and error term drop out.  exact_z: z = p - m carries its rounding error
+ * (TwoSum) into the exp; without it that error is at most half an ulp of |z|, which
+ * the caller allows only when every |z| < 16 (4.8e-7 relative, inside the 1e-6 budget). */
+static inline NX_TARGET_AVX2 __attribute__((always_inline)) double
+softmax_exp_sum_avx2(const float *x, float *y, size_t len, float scale, float m, const int unit, const int exact_z)
+{
+    const __m256 vs = _mm256_set1_ps(scale), vmax = _mm256_set1_ps(m), vnegmax = _mm256_set1_ps(-m);
 /* exp(x[j]*scale - m) for 8 lanes at j, stored to y[j] */
-#define SOFTMAX_EXP8(j, e)                                                                              \
-    do {                                                                                                \
-        __m256 xv = _mm256_loadu_ps(x + (j));                                                           \
-        __m256 p = unit ? xv : _mm256_mul_ps(xv, vs);                                                   \
-        __m256 z = _mm256_sub_ps(p, vmax), t = _mm256_sub_ps(z, p);                                     \
-        __m256 z_lo = _mm256_add_ps(_mm256_sub_ps(p, _mm256_sub_ps(z, t)), _mm256_sub_ps(vnegmax, t));  \
-        if (!unit) z_lo = _mm256_add_ps(z_lo, _mm256_fmsub_ps(xv, vs, p));                              \
-        e = nx_exp_avx2_hl(z, z_lo); /* z <= 0: p <= max */                                             \
-        _mm256_storeu_ps(y + (j), e);                                                                   \
+#define SOFTMAX_EXP8(j, e)                                                                                  \
+    do {                                                                                                    \
+        __m256 xv = _mm256_loadu_ps(x + (j));                                                               \
+        __m256 p = unit ? xv : _mm256_mul_ps(xv, vs);                                                       \
+        __m256 z = _mm256_sub_ps(p, vmax), z_lo = _mm256_setzero_ps();                                      \
+        if (exact_z) {                                                                                      \
+            __m256 t = _mm256_sub_ps(z, p);                                                                 \
+            z_lo = _mm256_add_ps(_mm256_sub_ps(p, _mm256_sub_ps(z, t)), _mm256_sub_ps(vnegmax, t));         \
+        }                                                                                                   \
+        if (!unit) z_lo = _mm256_add_ps(z_lo, _mm256_fmsub_ps(xv, vs, p));                                  \
+        e = exact_z ? nx_exp_avx2_hl(z, z_lo) /* z <= 0: p <= max */                                        \
+                    : exp_bounded_avx2(z, z_lo, !unit);                                                     \
+        _mm256_storeu_ps(y + (j), e);                                                                       \
     } while (0)
     /* The row sum: each float accumulator takes at most 4 vectors of terms in (0, 1]
      * (3 roundings, <= 1.8e-7 relative) before it is flushed into double, which keeps
@@ -96,7 +101,7 @@ softmax_row_avx2_body(const float *x, float *y, size_t len, float scale, const i
      * of converting every vector to double. */
     __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
     const size_t len8 = len & ~(size_t)7;
-    i = 0;
+    size_t i = 0;
     while (i < len8) {
         const size_t end = len8 - i > 64 ? i + 64 : len8;
         __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps(), e0, e1;
@@ -127,16 +132,44 @@ softmax_row_avx2_body(const float *x, float *y, size_t len, float scale, const i
         y[i] = e;
         sum += e;
     }
-
-    const __m256 vinv = _mm256_set1_ps((float)(1.0 / sum));
-    for (i = 0; i + 8 <= len; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(y + i), vinv));
-    for (; i < len; i++) y[i] *= _mm256_cvtss_f32(vinv);
+    return sum;
 }
 
 static NX_TARGET_AVX2 void softmax_row_avx2(const float *x, float *y, size_t len, float scale)
 {
-    if (scale == 1.0f) softmax_row_avx2_body(x, y, len, 1.0f, 1);
-    else softmax_row_avx2_body(x, y, len, scale, 0);
+    const int unit = scale == 1.0f;
+    const __m256 vs = _mm256_set1_ps(scale);
+    size_t i = 0;
+    /* four running maxima and minima, so the loop is bound by loads rather than by latency */
+    __m256 vm0 = _mm256_set1_ps(-INFINITY), vm1 = vm0, vm2 = vm0, vm3 = vm0;
+    __m256 vn0 = _mm256_set1_ps(INFINITY), vn1 = vn0, vn2 = vn0, vn3 = vn0;
+#define SOFTMAX_LOAD(j) (unit ? _mm256_loadu_ps(x + (j)) : _mm256_mul_ps(_mm256_loadu_ps(x + (j)), vs))
+    for (; i + 32 <= len; i += 32) {
+        __m256 a = SOFTMAX_LOAD(i), b = SOFTMAX_LOAD(i + 8), c = SOFTMAX_LOAD(i + 16), d = SOFTMAX_LOAD(i + 24);
+        vm0 = _mm256_max_ps(vm0, a), vn0 = _mm256_min_ps(vn0, a);
+        vm1 = _mm256_max_ps(vm1, b), vn1 = _mm256_min_ps(vn1, b);
+        vm2 = _mm256_max_ps(vm2, c), vn2 = _mm256_min_ps(vn2, c);
+        vm3 = _mm256_max_ps(vm3, d), vn3 = _mm256_min_ps(vn3, d);
+    }
+    for (; i + 8 <= len; i += 8) {
+        __m256 a = SOFTMAX_LOAD(i);
+        vm0 = _mm256_max_ps(vm0, a), vn0 = _mm256_min_ps(vn0, a);
+    }
+#undef SOFTMAX_LOAD
+    float m = hmax_avx2(_mm256_max_ps(_mm256_max_ps(vm0, vm1), _mm256_max_ps(vm2, vm3)));
+    float mn = -hmax_avx2(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_min_ps(_mm256_min_ps(vn0, vn1), _mm256_min_ps(vn2, vn3))));
+    for (; i < len; i++) {
+        float v = x[i] * scale;
+        m = v > m ? v : m;
+        mn = v < mn ? v : mn;
+    }
+    /* false for NaN and infinities, which take the exact path */
+    const int exact_z = !((double)m - (double)mn < 16.0);
+    double sum = unit ? (exact_z ? softmax_exp_sum_avx2(x, y, len, 1.0f, m, 1, 1) : softmax_exp_sum_avx2(x, y, len, 1.0f, m, 1, 0))
+                      : (exact_z ? softmax_exp_sum_avx2(x, y, len, scale, m, 0, 1) : softmax_exp_sum_avx2(x, y, len, scale, m, 0, 0));
+    const __m256 vinv = _mm256_set1_ps((float)(1.0 / sum));
+    for (i = 0; i + 8 <= len; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(y + i), vinv));
+    for (; i < len; i++) y[i] *= _mm256_cvtss_f32(vinv);
 }
 #endif
 
