@@ -52,4 +52,4 @@ bench-kernels: neon-ext
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python bench/bench_kernels.py
 
 clean:
-	rm -rf $(VENV) models build *.egg-info neon_ext/_kernels*.so
+	rm -rf $(VENV) models build *.egg-info neon_ext/_kernels*.so neon_ext/_torch*.so

@@ -4,10 +4,13 @@ The path is chosen once at import from the CPU's features; ``info()`` reports it
 ``set_path()`` (or the environment variable ``NEON_EXT_FORCE=scalar|avx2|neon``) forces
 another compiled path, which the tests use to check every path on one machine.
 
-Every function takes NumPy arrays or CPU torch tensors (through their zero-copy
-``.numpy()`` view) in float32, writes into ``out=`` when given (else allocates the
-result, of the same kind as the input) and releases the GIL while it works on large
-inputs.  A wrong dtype raises TypeError; a wrong shape, a layout whose last dimension
+Every function takes NumPy arrays or CPU torch tensors in float32, writes into
+``out=`` when given (else allocates the result, of the same kind as the input) and
+releases the GIL while it works on large inputs.  Torch tensors in the common case
+(float32, no autograd, rows with a contiguous last dimension) go straight to the
+kernels through ``neon_ext._torch``, a small C++ binding against the installed torch
+that allocates results with ATen; anything else goes through zero-copy ``.numpy()``
+views, as does everything when that binding is not built.  A wrong dtype raises TypeError; a wrong shape, a layout whose last dimension
 is not contiguous or overlapping outputs raise ValueError.  Row-wise kernels accept
 views whose leading dimensions collapse into one row stride, e.g. q/k slices of qkv.
 
@@ -41,24 +44,42 @@ if _FORCED:
 
 
 def info() -> dict:
-    """Active path, the best path for this CPU, compiled/supported paths and CPU features."""
-    return {**_kernels.info(), "forced_by_env": _FORCED}
+    """Active path, the best path for this CPU, compiled/supported paths, CPU features, and
+    whether torch tensors take the direct binding (None until torch has been imported)."""
+    if "torch" in sys.modules:
+        _bind_torch()
+    return {**_kernels.info(), "forced_by_env": _FORCED,
+            "torch_binding": None if _TorchTensor is None else _fast is not None}
 
 
-#: torch.Tensor and torch.from_numpy once a torch tensor has been seen (neon_ext never imports
-#: torch itself); the decode fast path in softmax() compares against the exact type.
+#: torch.Tensor once torch has been seen (neon_ext never imports torch itself), and the
+#: neon_ext._torch module then, or None where it is not built.  Each wrapper tries _fast
+#: for inputs of exactly this type; _fast answers None for what it does not take.
 _TorchTensor = None
-_from_numpy = None
+_fast = None
+
+
+def _bind_torch() -> None:
+    """Load the torch binding: on the first torch tensor, since importing it loads libtorch."""
+    global _TorchTensor, _fast
+    if _TorchTensor is not None:
+        return
+    import torch
+
+    try:
+        from . import _torch as fast
+    except ImportError:  # not built, or built against another torch: the NumPy-view path serves
+        fast = None
+    _TorchTensor, _fast = torch.Tensor, fast
 
 
 def _np(x, name: str):
     """(ndarray view of x, whether x is a torch tensor).  No copies."""
-    global _TorchTensor, _from_numpy
     if isinstance(x, np.ndarray):
         return x, False
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
-        _TorchTensor, _from_numpy = torch.Tensor, torch.from_numpy
+        _bind_torch()
         try:
             return x.numpy(), True  # the common case, kept cheap: decode steps call this per layer
         except (TypeError, RuntimeError):
@@ -111,19 +132,10 @@ def softmax(x, scale: float = 1.0, causal: bool = False, out=None):
     With ``causal``, row i of each [q, k] matrix (the last two axes) keeps columns
     j <= i + k - q (queries are the last q of k positions); masked entries are 0.
     """
-    # Decode fast path (plain CPU float tensor in, new tensor out): at 1..8 tokens the Python
-    # around the kernel costs more than the kernel, so skip the helpers; anything unusual
-    # (requires_grad, other devices, 0-d) takes the general path below, dtype and layout are
-    # still checked in C.
-    if out is None and type(x) is _TorchTensor:
-        try:
-            xa = x.numpy()
-        except (TypeError, RuntimeError):
-            xa = None
-        if xa is not None and xa.ndim:
-            oa = np.empty(xa.shape, np.float32)
-            _kernels.softmax(xa, oa, scale, causal)
-            return _from_numpy(oa)
+    if out is None and type(x) is _TorchTensor and _fast is not None:
+        y = _fast.softmax(x, scale, causal)
+        if y is not None:
+            return y
     xa, t = _np(x, "x")
     oa = _out(out, _shape(xa, "x"), np.float32)
     _kernels.softmax(xa, oa, scale, causal)
@@ -132,6 +144,10 @@ def softmax(x, scale: float = 1.0, causal: bool = False, out=None):
 
 def rmsnorm(x, weight, eps: float = 1e-6, out=None):
     """``x / sqrt(mean(x**2, -1) + eps) * weight``; ``out=x`` works in place."""
+    if out is None and type(x) is _TorchTensor and _fast is not None:
+        y = _fast.rmsnorm(x, weight, eps)
+        if y is not None:
+            return y
     xa, t = _np(x, "x")
     wa = _np(weight, "weight")[0]
     oa = _out(out, _shape(xa, "x"), np.float32)
@@ -144,6 +160,10 @@ def fused_add_rmsnorm(x, residual, weight, eps: float = 1e-6, out=None):
 
     ``out=x`` gives vLLM's fully in-place behaviour.
     """
+    if (out is None or out is x) and type(x) is _TorchTensor and _fast is not None:
+        y = _fast.fused_add_rmsnorm(x, residual, weight, eps, out is x)
+        if y is not None:
+            return y, residual
     xa, t = _np(x, "x")
     ra = _np(residual, "residual")[0]
     wa = _np(weight, "weight")[0]
@@ -152,7 +172,11 @@ def fused_add_rmsnorm(x, residual, weight, eps: float = 1e-6, out=None):
     return _result(out, oa, t), residual
 
 
-def _gated(kernel, x, out):
+def _gated(kernel, fast_name, x, out):
+    if out is None and type(x) is _TorchTensor and _fast is not None:
+        y = getattr(_fast, fast_name)(x)
+        if y is not None:
+            return y
     xa, t = _np(x, "x")
     shape = _shape(xa, "x")
     oa = _out(out, shape[:-1] + (shape[-1] // 2,), np.float32)
@@ -162,7 +186,7 @@ def _gated(kernel, x, out):
 
 def silu_and_mul(x, out=None):
     """Fused SwiGLU: ``silu(x[..., :d]) * x[..., d:]`` for x of shape [..., 2*d]."""
-    return _gated(_kernels.silu_and_mul, x, out)
+    return _gated(_kernels.silu_and_mul, "silu_and_mul", x, out)
 
 
 swiglu = silu_and_mul
@@ -180,7 +204,7 @@ def gelu_and_mul(x, approximate: str = "tanh", out=None):
     """Fused GeGLU: ``gelu(x[..., :d]) * x[..., d:]`` (tanh approximation only)."""
     if approximate != "tanh":
         raise ValueError(f"only approximate='tanh' is implemented, got {approximate!r}")
-    return _gated(_kernels.gelu_tanh_and_mul, x, out)
+    return _gated(_kernels.gelu_tanh_and_mul, "gelu_tanh_and_mul", x, out)
 
 
 def rope(positions, query, key=None, *, head_size: int, rotary_dim: int | None = None,
@@ -194,6 +218,10 @@ def rope(positions, query, key=None, *, head_size: int, rotary_dim: int | None =
     ([max_position, rotary_dim], cos half then sin half, as vLLM builds it) or are
     computed from ``theta``.
     """
+    rot = head_size if rotary_dim is None else rotary_dim
+    if (cos_sin_cache is not None and type(query) is _TorchTensor and _fast is not None
+            and _fast.rope(positions, query, key, head_size, rot, is_neox, cos_sin_cache)):
+        return query, key
     pa = _np(positions, "positions")[0].reshape(-1)
     if pa.dtype != np.int64:
         if pa.dtype.kind not in "iu":
@@ -202,7 +230,6 @@ def rope(positions, query, key=None, *, head_size: int, rotary_dim: int | None =
     qa = _np(query, "query")[0]
     ka = None if key is None else _np(key, "key")[0]
     ca = None if cos_sin_cache is None else _np(cos_sin_cache, "cos_sin_cache")[0]
-    rot = head_size if rotary_dim is None else rotary_dim
     _kernels.rope(pa, qa, ka, head_size, rot, is_neox, ca, theta)
     return query, key
 

@@ -9,9 +9,10 @@ them is the opt-in (the per-expert ``engine.neon_kernels`` switch).
 
 Each override handles the float32 case our kernels cover (last dimension contiguous, and the
 op's variant we implement) and hands everything else to vLLM's own implementation, so enabling the
-ops never changes which inputs work.  In eager mode the kernels are called directly (lowest
-overhead per decode step); under torch.compile the same work goes through torch custom ops
-(``torch.ops.neon_ext.*``) with fake implementations, so Dynamo can trace the model.
+ops never changes which inputs work.  In eager mode the kernels are called directly through the
+public API, whose torch binding keeps the cost per call well under vLLM's own ops at decode
+sizes; under torch.compile the same work goes through torch custom ops (``torch.ops.neon_ext.*``)
+with fake implementations, so Dynamo can trace the model.
 """
 
 from __future__ import annotations
@@ -109,18 +110,15 @@ class NeonRMSNorm(RMSNorm):
                 or (residual is not None and (not _rows_ok(residual) or residual.shape != x.shape))):
             return self.forward_native(x, residual)
         if residual is None:
-            out = torch.empty(x.shape, dtype=x.dtype)
             if _eager():
-                _kernels.rmsnorm(x.numpy(), w.numpy(), out.numpy(), self.variance_epsilon)
-            else:
-                rms_norm_op(out, x, w, self.variance_epsilon)
+                return neon_ext.rmsnorm(x, w, self.variance_epsilon)
+            out = torch.empty(x.shape, dtype=x.dtype)
+            rms_norm_op(out, x, w, self.variance_epsilon)
             return out
         # vLLM's fused variant works in place: residual <- x + residual, x <- norm(residual)
         if _eager():
-            xa = x.numpy()
-            _kernels.fused_add_rmsnorm(xa, residual.numpy(), w.numpy(), xa, self.variance_epsilon)
-        else:
-            fused_add_rms_norm_op(x, residual, w, self.variance_epsilon)
+            return neon_ext.fused_add_rmsnorm(x, residual, w, self.variance_epsilon, out=x)
+        fused_add_rms_norm_op(x, residual, w, self.variance_epsilon)
         return x, residual
 
 
@@ -132,11 +130,10 @@ class NeonSiluAndMul(SiluAndMul):
     def forward_cpu(self, x):
         if not _rows_ok(x) or x.shape[-1] % 2:
             return super().forward_cpu(x)
-        out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype)
         if _eager():
-            _kernels.silu_and_mul(x.numpy(), out.numpy())
-        else:
-            silu_and_mul_op(out, x)
+            return neon_ext.silu_and_mul(x)
+        out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype)
+        silu_and_mul_op(out, x)
         return out
 
 
@@ -149,11 +146,10 @@ class NeonGeluAndMul(GeluAndMul):
         # our kernel is the tanh approximation; exact (erf) GeLU stays with vLLM
         if self.approximate != "tanh" or not _rows_ok(x) or x.shape[-1] % 2:
             return super().forward_cpu(x)
-        out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype)
         if _eager():
-            _kernels.gelu_tanh_and_mul(x.numpy(), out.numpy())
-        else:
-            gelu_tanh_and_mul_op(out, x)
+            return neon_ext.gelu_and_mul(x)
+        out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype)
+        gelu_tanh_and_mul_op(out, x)
         return out
 
 
@@ -170,10 +166,9 @@ class NeonRotaryEmbedding(RotaryEmbedding):
             return super().forward_cpu(positions, query, key)
         pos = positions.reshape(-1).contiguous()
         if _eager():
-            _kernels.rope(pos.numpy(), query.numpy(), None if key is None else key.numpy(), self.head_size,
-                          self.rotary_dim, self.is_neox_style, cache.numpy(), 0.0)
-        else:
-            rotary_embedding_op(pos, query, key, self.head_size, self.rotary_dim, cache, self.is_neox_style)
+            return neon_ext.rope(pos, query, key, head_size=self.head_size, rotary_dim=self.rotary_dim,
+                                 cos_sin_cache=cache, is_neox=self.is_neox_style)
+        rotary_embedding_op(pos, query, key, self.head_size, self.rotary_dim, cache, self.is_neox_style)
         return query, key
 
 

@@ -13,18 +13,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include "nx_capi.h"
 #include "nx_kernels.h"
-
-/* Below this much work the kernel takes less time than handing the GIL over;
- * releasing it could also stall the caller behind another thread for a whole
- * switch interval. */
-#define NOGIL_MIN_WORK 16384
+#include "nx_rows.h"
 
 static nx_path g_path;
 
 #define RUN(work, stmt)                                          \
     do {                                                         \
-        if ((work) >= NOGIL_MIN_WORK) {                          \
+        if ((work) >= NX_NOGIL_MIN_WORK) {                       \
             Py_BEGIN_ALLOW_THREADS stmt; Py_END_ALLOW_THREADS    \
         } else {                                                 \
             stmt;                                                \
@@ -129,12 +126,6 @@ static int shape_error(const char *name, const Py_buffer *v, const char *expecte
 
 /* A buffer seen as rows: the last ncd dims form one contiguous row of `cols`
  * elements, the leading dims collapse into `rows` rows `rs` elements apart. */
-typedef struct {
-    char *base;
-    size_t rows, cols;
-    ptrdiff_t rs;
-} rview;
-
 static int as_rows(const Py_buffer *v, const char *name, int ncd, rview *r)
 {
     const Py_ssize_t it = v->itemsize;
@@ -197,26 +188,13 @@ static int contiguous(const Py_buffer *v, const char *name)
     return 0;
 }
 
-/* Do two row views share any byte?  Exact for views with the same row stride
- * (q and k slices of one qkv tensor), conservative otherwise. */
-static int overlap(const rview *a, const rview *b, size_t it)
-{
-    if (a->rows == 0 || b->rows == 0) return 0;
-    const char *a0 = a->base, *a1 = a0 + ((a->rows - 1) * a->rs + a->cols) * it;
-    const char *b0 = b->base, *b1 = b0 + ((b->rows - 1) * b->rs + b->cols) * it;
-    if (a1 <= b0 || b1 <= a0) return 0;
-    if (a->rs != b->rs || a->rows == 1 || b->rows == 1 || (a0 - b0) % (ptrdiff_t)it) return 1;
-    ptrdiff_t rs = a->rs, d = ((b0 - a0) / (ptrdiff_t)it % rs + rs) % rs;
-    return !(d >= (ptrdiff_t)a->cols && d + (ptrdiff_t)b->cols <= rs);
-}
-
 /* out may be exactly in (in-place) when allow_same, otherwise disjoint. */
 static int check_alias(const rview *out, const char *oname, const rview *in, const char *iname,
                        size_t it, int allow_same)
 {
     if (allow_same && out->base == in->base && out->rs == in->rs && out->cols == in->cols && out->rows == in->rows)
         return 0;
-    if (overlap(out, in, it)) {
+    if (nx_rows_overlap(out, in, it)) {
         PyErr_Format(PyExc_ValueError, "%s overlaps %s%s", oname, iname,
                      allow_same ? " (only exact in-place use is allowed)" : "");
         return -1;
@@ -758,8 +736,21 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
+static const nx_capi capi = {
+    NX_CAPI_VERSION, &g_path, nx_softmax, nx_rmsnorm, nx_fused_add_rmsnorm,
+    nx_silu_and_mul, nx_gelu_tanh_and_mul, nx_rope,
+};
+
 PyMODINIT_FUNC PyInit__kernels(void)
 {
     g_path = nx_best_path();
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    PyObject *capsule = PyCapsule_New((void *)&capi, NX_CAPI_NAME, NULL);
+    if (!capsule || PyModule_AddObject(m, "_C_API", capsule) < 0) {
+        Py_XDECREF(capsule);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -8,6 +8,10 @@
 
 #include "nx_common.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 enum { NX_OK = 0, NX_ENOMEM = 1, NX_ERANGE = 2 };
 enum { NX_FP8_E4M3 = 0, NX_FP8_E5M2 = 1 };
 
@@ -60,5 +64,9 @@ int nx_matmul(nx_path p, size_t M, size_t N, size_t K, const float *a, size_t ld
  * (also for +-inf); NaN stays NaN.  Dequantise computes fp8 * scale. */
 void nx_fp8_quantize(nx_path p, const float *x, uint8_t *q, size_t n, float scale, int fmt);
 void nx_fp8_dequantize(nx_path p, const uint8_t *q, float *x, size_t n, float scale, int fmt);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
