@@ -117,30 +117,45 @@ static NX_TARGET_AVX2 void quant_avx2(const float *x, uint8_t *q, size_t n, floa
     else quant_avx2_fmt(x, q, n, scale, 2, 15, f);
 }
 
-static NX_TARGET_AVX2 void dequant_avx2(const uint8_t *q, float *x, size_t n, float scale, const fp8_fmt *f)
+/* 16 codes, each in the high byte of a 16-bit lane, as half-precision bit patterns.
+ * E5M2 is the top byte of a half already.  For E4M3 an arithmetic shift right by one
+ * keeps the sign in bit 15 and puts the magnitude in bits 13..7 (the value times 2^-8,
+ * folded into the scale); the copy of the sign in bit 14 is cleared, and the NaN
+ * magnitude 0x7F, now 0x3F80, gets the half NaN exponent (sign kept). */
+static inline NX_TARGET_AVX2 __attribute__((always_inline)) __m256i fp8_to_half_avx2(__m256i b, const int e4m3)
 {
-    const int e4m3 = f->mbits == 3;
+    if (!e4m3) return b;
+    __m256i h = _mm256_and_si256(_mm256_srai_epi16(b, 1), _mm256_set1_epi16((short)0xBFFF));
+    __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7FFF)), _mm256_set1_epi16(0x3F80));
+    return _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7E00)));
+}
+
+static inline NX_TARGET_AVX2 __attribute__((always_inline)) void
+dequant_avx2_fmt(const uint8_t *q, float *x, size_t n, float scale, const fp8_fmt *f, const int e4m3)
+{
     const __m256 vscale = _mm256_set1_ps(e4m3 ? scale * 256.0f : scale);
+    const __m256i zero = _mm256_setzero_si256();
     size_t i = 0;
-    /* 16 codes per step: the bit work is done on 16 half-precision lanes in one
-     * register, then two F16C conversions.  E4M3's NaN code becomes a half NaN
-     * (sign kept) before the conversion; the multiply by the scale keeps it. */
-    for (; i + 16 <= n; i += 16) {
-        __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + i)));
-        __m256i h;
-        if (e4m3) {
-            __m256i mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7F));
-            __m256i sign = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8);
-            h = _mm256_or_si256(sign, _mm256_slli_epi16(mag, 7));
-            __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F));
-            h = _mm256_blendv_epi8(h, _mm256_or_si256(sign, _mm256_set1_epi16(0x7E00)), nan);
-        } else {
-            h = _mm256_slli_epi16(b, 8);
-        }
-        _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), vscale));
-        _mm256_storeu_ps(x + i + 8, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), vscale));
+    /* 32 codes per step.  Unpacking bytes against zero puts each code in the high byte
+     * of a 16-bit lane, per 128-bit half: codes 0-7 and 16-23 from the low unpack, 8-15
+     * and 24-31 from the high one; the stores put them back in order.  The multiply by
+     * the scale keeps NaN. */
+    for (; i + 32 <= n; i += 32) {
+        __m256i b = _mm256_loadu_si256((const __m256i *)(q + i));
+        __m256i h0 = fp8_to_half_avx2(_mm256_unpacklo_epi8(zero, b), e4m3);
+        __m256i h1 = fp8_to_half_avx2(_mm256_unpackhi_epi8(zero, b), e4m3);
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h0)), vscale));
+        _mm256_storeu_ps(x + i + 8, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h1)), vscale));
+        _mm256_storeu_ps(x + i + 16, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h0, 1)), vscale));
+        _mm256_storeu_ps(x + i + 24, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h1, 1)), vscale));
     }
     dequant_scalar(q + i, x + i, n - i, scale, f);
+}
+
+static NX_TARGET_AVX2 void dequant_avx2(const uint8_t *q, float *x, size_t n, float scale, const fp8_fmt *f)
+{
+    if (f->mbits == 3) dequant_avx2_fmt(q, x, n, scale, f, 1);
+    else dequant_avx2_fmt(q, x, n, scale, f, 0);
 }
 #endif
 
