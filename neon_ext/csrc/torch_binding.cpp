@@ -18,6 +18,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cmath>
+#include <utility>
+#include <vector>
 
 #include "nx_capi.h"
 #include "nx_rows.h"
