@@ -10,8 +10,9 @@ releases the GIL while it works on large inputs.  Torch tensors in the common ca
 (float32, no autograd, rows with a contiguous last dimension) go straight to the
 kernels through ``neon_ext._torch``, a small C++ binding against the installed torch
 that allocates results with ATen; anything else goes through zero-copy ``.numpy()``
-views, as does everything when that binding is not built.  A wrong dtype raises TypeError; a wrong shape, a layout whose last dimension
-is not contiguous or overlapping outputs raise ValueError.  Row-wise kernels accept
+views, as does everything when that binding is not built.  A wrong dtype raises
+TypeError; a wrong shape, a layout whose last dimension is not contiguous or
+overlapping outputs raise ValueError.  Row-wise kernels accept
 views whose leading dimensions collapse into one row stride, e.g. q/k slices of qkv.
 
 Build in place with ``python neon_ext/build.py``.
@@ -49,28 +50,35 @@ def info() -> dict:
     if "torch" in sys.modules:
         _bind_torch()
     return {**_kernels.info(), "forced_by_env": _FORCED,
-            "torch_binding": None if _TorchTensor is None else _fast is not None}
+            "torch_binding": (_fast is not None) if _torch_seen else None}
 
 
-#: torch.Tensor once torch has been seen (neon_ext never imports torch itself), and the
-#: neon_ext._torch module then, or None where it is not built.  Each wrapper tries _fast
-#: for inputs of exactly this type; _fast answers None for what it does not take.
-_TorchTensor = None
+class _NoTensor:
+    """The type no input has: what the wrappers compare against while the binding is not loaded."""
+
+
+#: neon_ext._torch once loaded (on the first torch tensor: neon_ext never imports torch itself)
+#: and the exact type it serves, torch.Tensor.  Each wrapper hands inputs of exactly that type
+#: to _fast first, inline because these calls are the decode hot path; _fast answers None for
+#: what it does not take, and the wrapper goes on to the general path.
 _fast = None
+_FastTensor: type = _NoTensor
+_torch_seen = False
 
 
 def _bind_torch() -> None:
     """Load the torch binding: on the first torch tensor, since importing it loads libtorch."""
-    global _TorchTensor, _fast
-    if _TorchTensor is not None:
+    global _fast, _FastTensor, _torch_seen
+    if _torch_seen:
         return
+    _torch_seen = True
     import torch
 
     try:
         from . import _torch as fast
     except ImportError:  # not built, or built against another torch: the NumPy-view path serves
-        fast = None
-    _TorchTensor, _fast = torch.Tensor, fast
+        return
+    _fast, _FastTensor = fast, torch.Tensor
 
 
 def _np(x, name: str):
@@ -132,10 +140,8 @@ def softmax(x, scale: float = 1.0, causal: bool = False, out=None):
     With ``causal``, row i of each [q, k] matrix (the last two axes) keeps columns
     j <= i + k - q (queries are the last q of k positions); masked entries are 0.
     """
-    if out is None and type(x) is _TorchTensor and _fast is not None:
-        y = _fast.softmax(x, scale, causal)
-        if y is not None:
-            return y
+    if out is None and type(x) is _FastTensor and (y := _fast.softmax(x, scale, causal)) is not None:
+        return y
     xa, t = _np(x, "x")
     oa = _out(out, _shape(xa, "x"), np.float32)
     _kernels.softmax(xa, oa, scale, causal)
@@ -144,10 +150,8 @@ def softmax(x, scale: float = 1.0, causal: bool = False, out=None):
 
 def rmsnorm(x, weight, eps: float = 1e-6, out=None):
     """``x / sqrt(mean(x**2, -1) + eps) * weight``; ``out=x`` works in place."""
-    if out is None and type(x) is _TorchTensor and _fast is not None:
-        y = _fast.rmsnorm(x, weight, eps)
-        if y is not None:
-            return y
+    if out is None and type(x) is _FastTensor and (y := _fast.rmsnorm(x, weight, eps)) is not None:
+        return y
     xa, t = _np(x, "x")
     wa = _np(weight, "weight")[0]
     oa = _out(out, _shape(xa, "x"), np.float32)
@@ -160,10 +164,9 @@ def fused_add_rmsnorm(x, residual, weight, eps: float = 1e-6, out=None):
 
     ``out=x`` gives vLLM's fully in-place behaviour.
     """
-    if (out is None or out is x) and type(x) is _TorchTensor and _fast is not None:
-        y = _fast.fused_add_rmsnorm(x, residual, weight, eps, out is x)
-        if y is not None:
-            return y, residual
+    if ((out is None or out is x) and type(x) is _FastTensor
+            and (y := _fast.fused_add_rmsnorm(x, residual, weight, eps, out is x)) is not None):
+        return y, residual
     xa, t = _np(x, "x")
     ra = _np(residual, "residual")[0]
     wa = _np(weight, "weight")[0]
@@ -172,21 +175,20 @@ def fused_add_rmsnorm(x, residual, weight, eps: float = 1e-6, out=None):
     return _result(out, oa, t), residual
 
 
-def _gated(kernel, fast_name, x, out):
-    if out is None and type(x) is _TorchTensor and _fast is not None:
-        y = getattr(_fast, fast_name)(x)
-        if y is not None:
-            return y
+def _gated(name: str, x, out):
+    """act(x[..., :d]) * x[..., d:] by the kernel of that name in both bindings."""
+    if out is None and type(x) is _FastTensor and (y := getattr(_fast, name)(x)) is not None:
+        return y
     xa, t = _np(x, "x")
     shape = _shape(xa, "x")
     oa = _out(out, shape[:-1] + (shape[-1] // 2,), np.float32)
-    kernel(xa, oa)
+    getattr(_kernels, name)(xa, oa)
     return _result(out, oa, t)
 
 
 def silu_and_mul(x, out=None):
     """Fused SwiGLU: ``silu(x[..., :d]) * x[..., d:]`` for x of shape [..., 2*d]."""
-    return _gated(_kernels.silu_and_mul, "silu_and_mul", x, out)
+    return _gated("silu_and_mul", x, out)
 
 
 swiglu = silu_and_mul
@@ -204,7 +206,7 @@ def gelu_and_mul(x, approximate: str = "tanh", out=None):
     """Fused GeGLU: ``gelu(x[..., :d]) * x[..., d:]`` (tanh approximation only)."""
     if approximate != "tanh":
         raise ValueError(f"only approximate='tanh' is implemented, got {approximate!r}")
-    return _gated(_kernels.gelu_tanh_and_mul, "gelu_tanh_and_mul", x, out)
+    return _gated("gelu_tanh_and_mul", x, out)
 
 
 def rope(positions, query, key=None, *, head_size: int, rotary_dim: int | None = None,
@@ -219,7 +221,7 @@ def rope(positions, query, key=None, *, head_size: int, rotary_dim: int | None =
     computed from ``theta``.
     """
     rot = head_size if rotary_dim is None else rotary_dim
-    if (cos_sin_cache is not None and type(query) is _TorchTensor and _fast is not None
+    if (cos_sin_cache is not None and type(query) is _FastTensor
             and _fast.rope(positions, query, key, head_size, rot, is_neox, cos_sin_cache)):
         return query, key
     pa = _np(positions, "positions")[0].reshape(-1)

@@ -11,17 +11,16 @@
 #define NX_CAPI_NAME "neon_ext._kernels._C_API"
 #define NX_CAPI_VERSION 1
 
+/* Member types come from the prototypes in nx_kernels.h, so the table cannot drift from them. */
 typedef struct {
     unsigned version;
     const nx_path *path; /* the active path */
-    void (*softmax)(nx_path, const float *, ptrdiff_t, float *, ptrdiff_t, size_t, size_t, float, int, size_t);
-    void (*rmsnorm)(nx_path, const float *, ptrdiff_t, const float *, float *, ptrdiff_t, size_t, size_t, float);
-    void (*fused_add_rmsnorm)(nx_path, const float *, ptrdiff_t, float *, ptrdiff_t, const float *, float *,
-                              ptrdiff_t, size_t, size_t, float);
-    void (*silu_and_mul)(nx_path, const float *, ptrdiff_t, float *, ptrdiff_t, size_t, size_t);
-    void (*gelu_tanh_and_mul)(nx_path, const float *, ptrdiff_t, float *, ptrdiff_t, size_t, size_t);
-    int (*rope)(nx_path, const int64_t *, size_t, float *, ptrdiff_t, size_t, float *, ptrdiff_t, size_t, size_t,
-                size_t, int, const float *, size_t, float);
+    __typeof__(&nx_softmax) softmax;
+    __typeof__(&nx_rmsnorm) rmsnorm;
+    __typeof__(&nx_fused_add_rmsnorm) fused_add_rmsnorm;
+    __typeof__(&nx_silu_and_mul) silu_and_mul;
+    __typeof__(&nx_gelu_tanh_and_mul) gelu_tanh_and_mul;
+    __typeof__(&nx_rope) rope;
 } nx_capi;
 
 #endif

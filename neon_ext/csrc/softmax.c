@@ -17,6 +17,15 @@ static void exp_scalar(const float *x, float *y, size_t n)
     for (size_t i = 0; i < n; i++) y[i] = nx_exp_scalar(x[i]);
 }
 
+/* exp(x*scale - m) to within the 1e-6 budget: the float product is exact in double and
+ * the difference is rounded once, its error passed to the exp as the low part. */
+static inline float exp_shifted_scalar(float x, float scale, float m)
+{
+    double z = (double)x * scale - m;
+    float zh = (float)z;
+    return nx_exp_scalar_hl(zh, (float)(z - zh));
+}
+
 static void softmax_row_scalar(const float *x, float *y, size_t len, float scale)
 {
     float m = -INFINITY;
@@ -25,14 +34,7 @@ static void softmax_row_scalar(const float *x, float *y, size_t len, float scale
         m = v > m ? v : m;
     }
     double sum = 0.0;
-    for (size_t i = 0; i < len; i++) {
-        /* the float product is exact in double; one rounding for the difference */
-        double z = (double)x[i] * scale - m;
-        float zh = (float)z;
-        float e = nx_exp_scalar_hl(zh, (float)(z - zh));
-        y[i] = e;
-        sum += e;
-    }
+    for (size_t i = 0; i < len; i++) sum += y[i] = exp_shifted_scalar(x[i], scale, m);
     float inv = (float)(1.0 / sum);
     for (size_t i = 0; i < len; i++) y[i] *= inv;
 }
@@ -125,13 +127,7 @@ softmax_exp_sum_avx2(const float *x, float *y, size_t len, float scale, float m,
     double part[4];
     _mm256_storeu_pd(part, _mm256_add_pd(s0, s1));
     double sum = (part[0] + part[1]) + (part[2] + part[3]);
-    for (; i < len; i++) {
-        double z = (double)x[i] * scale - m;
-        float zh = (float)z;
-        float e = nx_exp_scalar_hl(zh, (float)(z - zh));
-        y[i] = e;
-        sum += e;
-    }
+    for (; i < len; i++) sum += y[i] = exp_shifted_scalar(x[i], scale, m);
     return sum;
 }
 
@@ -206,13 +202,7 @@ static void softmax_row_neon(const float *x, float *y, size_t len, float scale)
         s1 = vaddq_f64(s1, vcvt_high_f64_f32(e));
     }
     double sum = vaddvq_f64(vaddq_f64(s0, s1));
-    for (; i < len; i++) {
-        double z = (double)x[i] * scale - m;
-        float zh = (float)z;
-        float e = nx_exp_scalar_hl(zh, (float)(z - zh));
-        y[i] = e;
-        sum += e;
-    }
+    for (; i < len; i++) sum += y[i] = exp_shifted_scalar(x[i], scale, m);
 
     const float inv = (float)(1.0 / sum);
     for (i = 0; i + 4 <= len; i += 4) vst1q_f32(y + i, vmulq_n_f32(vld1q_f32(y + i), inv));
