@@ -1,7 +1,7 @@
 """The HTTP surface shared by the three servers: routes, errors, auth, SSE, and the process entrypoint.
 
 Handlers only decode, call core, and encode: parsing lives in core.protocol, expert choice and
-generation in core.service (or core.consensus on 8084), lifecycle in core.model_manager.
+generation in core.service (or core.consensus on 8084), engines in the model host (core.host).
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from core.config import EMBEDDED_CONFIG, AppConfig, ConfigError, load_config
-from core.engines import create_engine
-from core.model_manager import EngineFactory, ModelManager
+from core.host_address import HostAddress
+from core.host_client import HostClient, HostRefused, HostUnavailable
 from core.protocol import (SSE_DONE, APIError, decode_body, parse_chat_request, parse_completion_request,
-                           sse_event)
+                           sse_event, unavailable)
 from core.router import Router
 from core.service import CompletionService
 from core.stats import Stats
@@ -49,12 +49,12 @@ _HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "
 class Api:
     """Route handlers for one server process."""
 
-    def __init__(self, kind: str, config: AppConfig, engine_factory: EngineFactory = create_engine):
+    def __init__(self, kind: str, config: AppConfig, config_path: str):
         self.kind = kind
         self.config = config
         self.stats = Stats(kind)
-        self.manager = ModelManager(config, self.stats, engine_factory)
-        self.service = CompletionService(config, self.manager, Router.from_config(config), self.stats)
+        self.host = HostClient(config_path, HostAddress.for_config(config_path, config))
+        self.service = CompletionService(kind, config, self.host, Router.from_config(config), self.stats)
         if kind == "consensus":
             from core.consensus import ConsensusService
             self.chat_jobs = ConsensusService(self.service).chat
@@ -71,13 +71,19 @@ class Api:
         try:
             return await handler(request)
         except APIError as error:
-            if error.status < 500:
-                self.stats.record_client_error(error.status)
+            self.stats.record_http_error(error.status)
             return error_response(error)
+        except HostRefused as error:
+            self.stats.record_http_error(error.status)
+            return error_response(APIError(error.status, str(error), type=error.fields.get("type", "server_error"),
+                                           code=error.fields.get("code"), retry_after=error.retry_after))
+        except HostUnavailable as error:
+            self.stats.record_http_error(503)
+            return error_response(unavailable(str(error), code="host_unavailable"))
         except web.HTTPException as error:
             if error.status < 400:
                 raise
-            self.stats.record_client_error(error.status)
+            self.stats.record_http_error(error.status)
             message = "request body is too large" if error.status == 413 else error.reason
             if error.status == 404:
                 message = f"no route for {request.method} {request.path}"
@@ -87,6 +93,7 @@ class Api:
             raise
         except Exception:  # noqa: BLE001 - a bug of ours: log it, tell the client nothing internal
             log.exception("unhandled error on %s %s", request.method, request.path)
+            self.stats.record_http_error(500)
             return error_response(APIError(500, "internal server error", type="server_error"))
         finally:
             self.requests_in_flight -= 1
@@ -103,33 +110,45 @@ class Api:
 
     # ------------------------------------------------------------ handlers
 
+    async def _states(self) -> dict[str, dict[str, Any]] | None:
+        """Every expert's state from the model host, or None while it cannot be reached."""
+        try:
+            return await self.host.states()
+        except HostUnavailable:
+            return None
+
     async def health(self, request: web.Request) -> web.Response:
-        states = self.manager.states()
+        states = await self._states()
+        if states is None:
+            return json_response({"status": "degraded", "server": self.kind, "host": "unreachable",
+                                  "experts": {e.id: {"state": "unknown", "error": "the model host is unreachable"}
+                                              for e in self.config.experts}})
         return json_response({"status": "ok", "server": self.kind,
                               "experts": {k: {"state": v["state"], "error": v["error"]} for k, v in states.items()}})
 
     async def models(self, request: web.Request) -> web.Response:
-        states = self.manager.states()
+        states = await self._states() or {}
         data = [{"id": e.id, "object": "model", "created": 0, "owned_by": "capibara6", "domain": e.domain,
-                 "description": e.description, "vision": e.vision, "state": states[e.id]["state"],
-                 "engine": {"kind": e.engine.kind, **(states[e.id]["engine"] or {})}}
+                 "description": e.description, "vision": e.vision,
+                 "state": states.get(e.id, {}).get("state", "unknown"),
+                 "engine": {"kind": e.engine.kind, **(states.get(e.id, {}).get("runner") or {})}}
                 for e in self.config.experts]
         return json_response({"object": "list", "data": data})
 
     async def stats_view(self, request: web.Request) -> web.Response:
-        return json_response(self.stats.render(self.manager.states()))
+        return json_response(self.stats.render(await self._states() or {}))
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.stats.render_metrics(self.manager.states()),
+        return web.Response(body=self.stats.render_metrics(await self._states() or {}),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_chat_request(decode_body(await request.read()))
-        return await self._respond(request, self.chat_jobs(parsed), parsed.stream)
+        return await self._respond(request, self.chat_jobs(parsed))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_completion_request(decode_body(await request.read()))
-        return await self._respond(request, self.service.completion(parsed), parsed.stream)
+        return await self._respond(request, self.service.completion(parsed))
 
     async def route(self, request: web.Request) -> web.Response:
         body = decode_body(await request.read())
@@ -145,14 +164,10 @@ class Api:
         expert_id, action = request.match_info["expert"], request.match_info["action"]
         if self.config.expert(expert_id) is None:
             raise APIError(404, f"The model '{expert_id}' does not exist", param="expert", code="model_not_found")
-        if action == "load":
-            await self.manager.load(expert_id)
-        else:
-            await self.manager.unload(expert_id)
-        return json_response({"id": expert_id, **self.manager.states()[expert_id]})
+        return json_response({"id": expert_id, **await self.host.admin(expert_id, action)})
 
-    async def _respond(self, request: web.Request, job, stream: bool) -> web.StreamResponse:
-        if not stream:
+    async def _respond(self, request: web.Request, job) -> web.StreamResponse:
+        if not job.streaming:
             return json_response(await job.complete(), headers=job.headers())
         async with aclosing(job.stream()) as events:
             first = await anext(events, None)  # errors before the first chunk are ordinary JSON errors
@@ -165,6 +180,7 @@ class Api:
                 async for event in events:
                     await response.write(sse_event(event))
             except APIError as error:
+                self.stats.record_http_error(error.status)  # an error event after the 200: counted all the same
                 await response.write(sse_event(error.body()))
             except ConnectionResetError:
                 return response
@@ -183,10 +199,14 @@ class Api:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/route", self.route)
         app.router.add_post(r"/admin/experts/{expert}/{action:load|unload}", self.admin)
-        app.on_startup.append(lambda _: self.manager.start())
+        app.on_startup.append(lambda _: self.host.start())
         app.on_shutdown.append(lambda _: self._drain())
-        app.on_cleanup.append(lambda _: self.manager.close())
+        app.on_cleanup.append(lambda _: self._close())
         return app
+
+    async def _close(self) -> None:
+        await self.service.close()
+        await self.host.close()
 
     async def _drain(self) -> None:
         """On SIGTERM, let in-flight requests finish (up to the grace period) before engines stop."""
@@ -218,7 +238,7 @@ def main(kind: str, argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:
         pass
-    app = Api(kind, config).application()
+    app = Api(kind, config, args.config).application()
     log.info("capibara6 %s server on %s:%d with %s", kind, host, port, args.config)
     web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None,
                 shutdown_timeout=AFTER_DRAIN_S,

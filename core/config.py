@@ -35,15 +35,16 @@ class SamplingDefaults(_Strict):
 
 
 class EngineOptions(_Strict):
-    """How an expert's engine is built. ``kind`` picks the implementation; the rest are vLLM settings.
+    """How an expert's engine runs. ``kind`` "vllm" is a runner the model host starts (vLLM's OpenAI server with
+    these settings as its flags); "remote" is an OpenAI-compatible server someone else started.
 
-    Options this platform cannot honour (FP8 KV cache without AVX-512, graph capture in eager mode)
-    are downgraded by the engine with a warning and reported as effective settings.
+    Options this platform cannot honour (FP8 KV cache without AVX-512, graph capture on a CPU) are downgraded
+    with a warning when the runner starts and reported as effective settings.
     """
 
-    kind: Literal["vllm", "test", "remote"] = "vllm"
+    kind: Literal["vllm", "remote"] = "vllm"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    quantization: Literal["awq", "gptq", "fp8"] | None = None
+    quantization: Literal["awq", "gptq", "fp8", "compressed-tensors"] | None = None
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     kv_cache_memory_bytes: int | None = Field(None, ge=16 * 1024 * 1024)
     max_model_len: int = Field(2048, ge=64)
@@ -56,11 +57,11 @@ class EngineOptions(_Strict):
     enable_prefix_caching: bool = True
     neon_kernels: bool = False
     seed: int = 0
-    # kind == "test": a deterministic engine for protocol and fault tests (see core.test_engine).
-    test_token_delay_s: float = Field(0.0, ge=0.0)
-    test_load_delay_s: float = Field(0.0, ge=0.0)
-    test_fail_load: bool = False
-    test_fault: Literal["none", "fail", "hang"] = "none"
+    # The runner's tool-call parser (vLLM's --tool-call-parser, e.g. "hermes"); without one, `tools` with
+    # tool_choice "auto" are refused by the runner, while a forced tool_choice still works.
+    tool_call_parser: str | None = Field(None, pattern=r"^[a-z0-9_]+$")
+    # OpenMP cores of this expert's runner (VLLM_CPU_OMP_THREADS_BIND, e.g. "0-3"); None splits the cores.
+    cpu_cores: str | None = Field(None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
     # kind == "remote": an OpenAI-compatible server elsewhere.
     base_url: str | None = None
     remote_model: str | None = None
@@ -127,6 +128,21 @@ class ServerConfig(_Strict):
     api_key_env: str = "CAPIBARA_API_KEY"
     log_file: str | None = None
     shutdown_grace_s: float = Field(30.0, ge=0.0)
+    # The model host: its socket and runner logs live in run_dir; it stops (and its runners with it) once no
+    # server has been attached for host_linger_s.
+    run_dir: str = "/tmp/capibara6"
+    host_linger_s: float = Field(10.0, ge=0.0)
+    restart_backoff_s: float = Field(1.0, gt=0.0)
+    max_restart_backoff_s: float = Field(60.0, gt=0.0)
+    # Cores kept free of runners for the fronts and the host, on machines with at least 8 cores.
+    front_cores: int = Field(1, ge=0)
+    # vLLM request priorities (lower runs first; runners use --scheduling-policy priority): requests through
+    # 8083, through 8082 (and 8084's own answers), and consensus candidates.
+    priorities: dict[Literal["streaming", "standard", "candidate"], int] = {
+        "streaming": -10,
+        "standard": 0,
+        "candidate": 10,
+    }
 
 
 class AppConfig(_Strict):

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,13 +22,29 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 
 from core.config import ExpertConfig
-from core.engines import GenerationDelta
-from core.model_manager import public_error
-from core.protocol import (APIError, ChatMessage, ChatRequest, Choice, ResponseHead, Usage, invalid, render_chunk,
-                           render_response, render_usage_chunk, unavailable)
-from core.service import CompletionService, Generation, Job, chat_generation, collect, resolve_sampling
+from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, invalid, new_id, render_chat_chunk,
+                           render_chat_response, unavailable)
+from core.service import CHAT_PATH, CompletionService, Job
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @classmethod
+    def of(cls, usage: dict[str, Any] | None) -> "Usage":
+        usage = usage or {}
+        return cls(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
+
+    def render(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 SYNTHESIS_PROMPT = (
     "You have been given the answers of several assistants to the user's latest message. Your task is to "
@@ -130,7 +146,9 @@ class FanOut:
 
 def _reason(error: BaseException) -> str:
     """What a client may read about a failure: an APIError's own message, else its kind and first line."""
-    return error.message if isinstance(error, APIError) else public_error(error)
+    if isinstance(error, APIError):
+        return error.message
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}".rstrip(": ")
 
 
 def synthesis_messages(messages: Sequence[ChatMessage], answers: Sequence[Candidate]) -> tuple[ChatMessage, ...]:
@@ -143,8 +161,8 @@ def synthesis_messages(messages: Sequence[ChatMessage], answers: Sequence[Candid
     brief = f"{SYNTHESIS_PROMPT}\n\n{listed}"
     first = messages[0]
     if first.role in ("system", "developer"):
-        return (replace(first, role="system", text=f"{first.text}\n\n{brief}"), *messages[1:])
-    return (ChatMessage(role="system", text=brief), *messages)
+        return (first.model_copy(update={"role": "system", "content": f"{first.text}\n\n{brief}"}), *messages[1:])
+    return (ChatMessage(role="system", content=brief), *messages)
 
 
 # ---------------------------------------------------------------- the service
@@ -156,12 +174,12 @@ class ConsensusService:
     def __init__(self, service: CompletionService):
         self.service = service
 
-    def chat(self, request: ChatRequest) -> Job | ConsensusJob:
+    def chat(self, request: ChatCompletionRequest) -> Job | ConsensusJob:
         if request.model is not None:
             return self.service.chat(request)
         return ConsensusJob(self.service, request, self.plan(request))
 
-    def plan(self, request: ChatRequest) -> Plan:
+    def plan(self, request: ChatCompletionRequest) -> Plan:
         """The router's ranking, narrowed to the experts that can read the input and cut to k."""
         config = self.service.config
         able = [e for e in map(config.expert, self.service.route_chat(request).ranking())
@@ -188,12 +206,13 @@ class ConsensusService:
 class ConsensusJob:
     """One consensus request. It renders like `Job`, plus a `consensus` object that says how the answer came about."""
 
-    def __init__(self, service: CompletionService, request: ChatRequest, plan: Plan):
+    def __init__(self, service: CompletionService, request: ChatCompletionRequest, plan: Plan):
         self.service = service
         self.settings = service.config.consensus
         self.request = request
         self.plan = plan
         self.synthesizer = (plan.synthesizer or plan.candidates[0]).id
+        self.streaming = request.stream
 
     def headers(self) -> dict[str, str]:
         return {"X-Capibara-Expert": self.synthesizer,
@@ -205,16 +224,18 @@ class ConsensusJob:
         started = time.monotonic()
         method, note = ("synthesis" if fan_out.answers else "single"), self.plan.note
         try:
-            result = await collect(self._final_deltas(expert, fan_out))
+            answer = await self._final_answer(expert, fan_out)
+            final_usage = Usage.of(answer.get("usage"))
         except Exception as error:  # noqa: BLE001 - any aggregator failure falls back to the medoid
             if not fan_out.answers:
                 raise
             chosen, note = self._fallback(fan_out, expert, error)
-            result, method = Generation([Choice(0, chosen.text, chosen.finish_reason)], Usage()), "medoid"
+            method, final_usage = "medoid", Usage()
             expert = self.service.config.expert(chosen.expert)
-        consensus = self._conclude(fan_out, expert, method, result.usage, time.monotonic() - started, note)
-        return render_response(ResponseHead.new("chat", expert.id), result.choices, fan_out.usage + result.usage,
-                               consensus=consensus)
+            answer = render_chat_response(expert.id, chosen.text, chosen.finish_reason, {})
+        consensus = self._conclude(fan_out, expert, method, final_usage, time.monotonic() - started, note)
+        return {**answer, "model": expert.id, "usage": (fan_out.usage + final_usage).render(),
+                "consensus": consensus}
 
     async def stream(self) -> AsyncIterator[dict[str, Any]]:
         """Candidates first, then the synthesis as it is written. The `consensus` object is in the last chunk.
@@ -224,39 +245,35 @@ class ConsensusJob:
         """
         fan_out = await self._fan_out()
         expert = self._writer(fan_out)
-        head = ResponseHead.new("chat", expert.id)
+        chunk_id = new_id("chat")
         started = time.monotonic()
         method, note = ("synthesis" if fan_out.answers else "single"), self.plan.note
         held: dict[str, Any] | None = None
         sent = False
-        opened: set[int] = set()
-        prompt_tokens = completion_tokens = 0
+        final_usage = Usage()
         try:
-            async with aclosing(self._final_deltas(expert, fan_out)) as deltas:
-                async for index, delta in deltas:
-                    prompt_tokens = delta.prompt_tokens
-                    completion_tokens += delta.new_tokens
-                    first = index not in opened
-                    opened.add(index)
-                    if delta.text or first or delta.finish_reason:
-                        if held is not None:
-                            sent = True
-                            yield held
-                        held = render_chunk(head, index, delta.text, delta.finish_reason, role=first)
-            final_usage = Usage(prompt_tokens, completion_tokens)
+            async with aclosing(self._final_chunks(expert, fan_out)) as chunks:
+                async for chunk in chunks:
+                    if chunk.get("usage") and not chunk.get("choices"):
+                        final_usage = Usage.of(chunk["usage"])
+                        continue
+                    chunk.pop("usage", None)
+                    if held is not None:
+                        sent = True
+                        yield held
+                    held = chunk
         except Exception as error:  # noqa: BLE001 - any aggregator failure falls back to the medoid
             if sent or not fan_out.answers:
                 raise
             chosen, note = self._fallback(fan_out, expert, error)
             method, final_usage = "medoid", Usage()
             expert = self.service.config.expert(chosen.expert)
-            head = replace(head, model=expert.id)
-            held = render_chunk(head, 0, chosen.text, chosen.finish_reason, role=True)
+            held = render_chat_chunk(chunk_id, expert.id, chosen.text, chosen.finish_reason, role=True)
         consensus = self._conclude(fan_out, expert, method, final_usage, time.monotonic() - started, note)
-        last = held if held is not None else render_chunk(head, 0, "", "stop", role=True)
+        last = held if held is not None else render_chat_chunk(chunk_id, expert.id, "", "stop", role=True)
         if self.request.include_usage:
             yield last
-            yield render_usage_chunk(head, fan_out.usage + final_usage, consensus=consensus)
+            yield {**last, "choices": [], "usage": (fan_out.usage + final_usage).render(), "consensus": consensus}
         else:
             yield {**last, "consensus": consensus}
 
@@ -279,21 +296,24 @@ class ConsensusJob:
         return fan_out
 
     async def _ask(self, expert: ExpertConfig) -> Candidate:
-        """One candidate, capped at candidate_max_tokens and candidate_timeout_s. Any failure becomes a record."""
+        """One candidate, capped at candidate_max_tokens and candidate_timeout_s, at the candidates' (lower)
+        priority. Any failure becomes a record."""
         timeout = self.settings.candidate_timeout_s
-        sampling = resolve_sampling(self.request.sampling, expert.sampling)
-        sampling = replace(sampling, n=1, max_tokens=min(sampling.max_tokens, self.settings.candidate_max_tokens))
+        request = self.request
+        wanted = request.max_completion_tokens or request.max_tokens or expert.sampling.max_tokens
+        overrides = {"n": 1, "stream": False, "max_tokens": min(wanted, self.settings.candidate_max_tokens),
+                     "priority": self.service.config.server.priorities["candidate"] + (request.priority or 0)}
         started = time.monotonic()
         try:
-            result = await asyncio.wait_for(
-                self.service.generate(expert, [chat_generation(expert, self.request.messages, sampling)]), timeout)
+            answer = await asyncio.wait_for(self.service.chat_answer(expert, request, request.messages, **overrides),
+                                            timeout)
         except TimeoutError:
             error, timed_out = f"no answer within {timeout:g} s", True
         except Exception as failure:  # noqa: BLE001 - a failed candidate is dropped and reported, never fatal
             error, timed_out = _reason(failure), isinstance(failure, APIError) and failure.status == 504
         else:
-            finish = result.choices[0].finish_reason if result.choices else None
-            return Candidate(expert.id, time.monotonic() - started, result.text, finish, result.usage)
+            return Candidate(expert.id, time.monotonic() - started, answer.text, answer.finish_reason,
+                             Usage.of(answer.usage))
         log.warning("consensus candidate %s failed: %s", expert.id, error)
         return Candidate(expert.id, time.monotonic() - started, error=error, timed_out=timed_out)
 
@@ -304,28 +324,43 @@ class ConsensusJob:
         answered = {c.expert for c in fan_out.answers}
         return next(e for e in self.plan.candidates if e.id in answered)
 
-    async def _final_deltas(self, expert: ExpertConfig, fan_out: FanOut) -> AsyncIterator[tuple[int, GenerationDelta]]:
-        """The final answer as the engine writes it.
-
-        A synthesis must start within candidate_timeout_s, so that a hung aggregator falls back to the medoid
-        instead of holding the request until the expert's own request timeout.
-        """
+    def _final_body(self, expert: ExpertConfig, fan_out: FanOut, stream: bool) -> dict[str, Any]:
         messages = synthesis_messages(self.request.messages, fan_out.answers) if fan_out.answers \
             else self.request.messages
-        generation = chat_generation(expert, messages, resolve_sampling(self.request.sampling, expert.sampling))
+        body = self.service.chat_body(expert, self.request, messages, stream=stream)
+        body.pop("stream_options", None)
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    async def _final_answer(self, expert: ExpertConfig, fan_out: FanOut) -> dict[str, Any]:
+        """The final answer whole. A synthesis must finish within candidate_timeout_s, so that a hung aggregator
+        falls back to the medoid instead of holding the request until the expert's own request timeout."""
+        call = self.service.complete(expert, CHAT_PATH, self._final_body(expert, fan_out, stream=False))
+        if not fan_out.answers:
+            return await call
+        try:
+            return await asyncio.wait_for(call, self.settings.candidate_timeout_s)
+        except TimeoutError:
+            raise APIError(504, f"expert '{expert.id}' did not answer within {self.settings.candidate_timeout_s:g} s",
+                           type="timeout_error", code="timeout", retry_after=1.0) from None
+
+    async def _final_chunks(self, expert: ExpertConfig, fan_out: FanOut) -> AsyncIterator[dict[str, Any]]:
+        """The final answer as the runner writes it. A synthesis must start within candidate_timeout_s."""
         deadline = self.settings.candidate_timeout_s if fan_out.answers else None
-        async with aclosing(self.service.deltas(expert, [generation])) as deltas:
+        body = self._final_body(expert, fan_out, stream=True)
+        async with aclosing(self.service.stream(expert, CHAT_PATH, body, include_usage=True)) as chunks:
             try:
                 async with asyncio.timeout(deadline):
-                    first = await anext(deltas, None)
+                    first = await anext(chunks, None)
             except TimeoutError:
                 raise APIError(504, f"expert '{expert.id}' did not start its answer within {deadline:g} s",
                                type="timeout_error", code="timeout", retry_after=1.0) from None
             if first is None:
                 return
             yield first
-            async for item in deltas:
-                yield item
+            async for chunk in chunks:
+                yield chunk
 
     def _fallback(self, fan_out: FanOut, aggregator: ExpertConfig, error: BaseException) -> tuple[Candidate, str]:
         """The medoid candidate, and a note that says why it answers instead of the aggregator."""

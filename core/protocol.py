@@ -1,8 +1,9 @@
-"""The OpenAI protocol for all three servers: request parsing and validation, response rendering, errors.
+"""The OpenAI protocol for all three servers: pydantic request models, errors, and the few shapes we render.
 
-Parsing turns an untrusted JSON body into frozen request objects or raises `APIError` naming the bad
-param; rendering turns engine results into OpenAI's response, chunk and error shapes. Nothing here
-knows about experts, engines or HTTP.
+A request body is validated into `ChatCompletionRequest` or `CompletionRequest`; anything neither we nor the
+runners support is a 400 naming the field, never silently dropped. What passes validation is relayed to the
+expert's runner, which renders tool calls, logprobs and structured output itself. Nothing here knows about
+experts, engines or HTTP.
 """
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ import base64
 import binascii
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
 AUTO_MODEL = "auto"
 MAX_STOP_SEQUENCES = 16
 MAX_N = 16
+MAX_TOKENS = 1 << 20
 IMAGE_SIGNATURES = {
     "image/png": (b"\x89PNG\r\n\x1a\n",),
     "image/jpeg": (b"\xff\xd8\xff",),
@@ -54,60 +55,218 @@ def unavailable(message: str, retry_after: float = 1.0, code: str = "expert_unav
     return APIError(503, message, type="service_unavailable_error", code=code, retry_after=retry_after)
 
 
-@dataclass(frozen=True)
-class ImagePart:
-    """An image content part, validated: a data: URL (decoded bytes kept) or an http(s) URL."""
+# ---------------------------------------------------------------- request models
 
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageURL(_Model):
     url: str
-    media_type: str | None = None
-    data: bytes | None = None
+    detail: Literal["auto", "low", "high"] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _valid_image(cls, url: str) -> str:
+        check_image_url(url)
+        return url
 
 
-@dataclass(frozen=True)
-class ChatMessage:
-    """One conversation turn with its text parts joined and its images kept aside."""
-
-    role: str
+class TextPart(_Model):
+    type: Literal["text"]
     text: str
-    images: tuple[ImagePart, ...] = ()
 
 
-@dataclass(frozen=True)
-class SamplingRequest:
-    """Sampling fields as the client sent them; None means "use the expert's default"."""
-
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float | None = None
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: ImageURL
 
 
-@dataclass(frozen=True)
-class ChatRequest:
-    model: str | None
-    messages: tuple[ChatMessage, ...]
-    sampling: SamplingRequest
-    stream: bool = False
-    include_usage: bool = False
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class FunctionCall(_Model):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Model):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant"):
+            raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages may carry tool_calls")
+        if self.role != "user" and isinstance(self.content, list) and any(
+                isinstance(part, ImagePart) for part in self.content):
+            raise ValueError("only user messages may carry images")
+        return self
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
+        return self.content or ""
 
     @property
     def has_images(self) -> bool:
-        return any(message.images for message in self.messages)
+        return isinstance(self.content, list) and any(isinstance(part, ImagePart) for part in self.content)
 
 
-@dataclass(frozen=True)
-class CompletionRequest:
-    model: str | None
-    prompts: tuple[str, ...]
-    sampling: SamplingRequest
-    stream: bool = False
+class FunctionDefinition(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchema(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only with it")
+        return self
+
+
+class StreamOptions(_Model):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+Stop = Annotated[str, Field(min_length=1)]
+
+
+class _Generation(_Model):
+    """The fields both endpoints share: ours, OpenAI's, and the vLLM sampling extras benchmark clients send."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: Stop | list[Stop] | None = Field(None)
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 63) - 1)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    user: str | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    response_format: ResponseFormat | None = None
+    priority: int | None = Field(None, ge=-1000, le=1000)
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        return stop
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, model: str | None) -> str | None:
+        if model is not None and not model:
+            raise ValueError("must be a non-empty string")
+        return None if model == AUTO_MODEL else model
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "_Generation":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ChatCompletionRequest":
+        if all(m.role in ("system", "developer") for m in self.messages):
+            raise ValueError("messages must contain at least one user or assistant message")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
+            names = {tool.function.name for tool in self.tools or ()}
+            if not names:
+                raise ValueError("tool_choice needs tools")
+            if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice names the function '{self.tool_choice.function.name}', "
+                                 "which is not in tools")
+        return self
+
+    @property
+    def has_images(self) -> bool:
+        return any(message.has_images for message in self.messages)
+
+
+class CompletionRequest(_Generation):
+    prompt: Annotated[str, Field(min_length=0)] | Annotated[list[str], Field(min_length=1, max_length=MAX_N)]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = None
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 # ---------------------------------------------------------------- parsing
@@ -124,258 +283,104 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    return _parse(ChatCompletionRequest, body)
 
 
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and value == value
+def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
+    return _parse(CompletionRequest, body)
 
 
-def _number(body: dict, name: str, low: float, high: float, *, integer: bool = False) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    if integer and not _is_int(value):
-        raise invalid(name, f"'{name}' must be an integer")
-    if not integer and not _is_number(value):
-        raise invalid(name, f"'{name}' must be a number")
-    if not low <= value <= high:
-        raise invalid(name, f"'{name}' must be between {low} and {high}, got {value}")
-    return value
+def _parse(model: type[_Generation], body: dict[str, Any]):
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise _as_api_error(error) from None
 
 
-def _boolean(body: dict, name: str) -> bool:
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise invalid(name, f"'{name}' must be a boolean")
-    return value
+def _as_api_error(error: ValidationError) -> APIError:
+    """The first problem, named as OpenAI names params (`messages[0].content`)."""
+    item = _most_specific(error.errors())
+    param = _param(item["loc"])
+    if item["type"] == "extra_forbidden":
+        return invalid(param, f"Unsupported parameter: '{param}' is not supported by this server",
+                       "unsupported_parameter")
+    if item["type"] == "missing":
+        return invalid(param, f"Missing required parameter: '{param}'", "missing_required_parameter")
+    message = item["msg"].removeprefix("Value error, ")
+    return invalid(param, f"Invalid value for '{param}': {message}" if param else message,
+                   "invalid_image" if "image" in message else "invalid_value")
 
 
-def _model(body: dict) -> str | None:
-    model = body.get("model")
-    if model is None or model == AUTO_MODEL:
-        return None
-    if not isinstance(model, str) or not model:
-        raise invalid("model", "'model' must be a non-empty string")
-    return model
+def _most_specific(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of a union's alternatives, the error that went deepest names the real problem."""
+    return max(errors, key=lambda e: (e["type"] in ("extra_forbidden", "missing"), len(e["loc"])))
 
 
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise invalid("stop", "'stop' must be a non-empty string or a list of non-empty strings")
-    if len(stop) > MAX_STOP_SEQUENCES:
-        raise invalid("stop", f"'stop' may hold at most {MAX_STOP_SEQUENCES} sequences")
-    return tuple(stop)
+def _param(loc: tuple) -> str | None:
+    """pydantic's location without its union-member labels: ('messages', 0, 'content') -> messages[0].content."""
+    parts: list[str] = []
+    after_index = False
+    for part in loc:
+        if isinstance(part, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{part}]"]
+            after_index = True
+            continue
+        name = str(part)
+        label = not name.isidentifier() or name[0].isupper() or name in ("str", "int", "float", "bool")
+        if not label and not (after_index and name in _PART_TAGS):
+            parts.append(name)
+        after_index = False
+    return ".".join(parts) or None
 
 
-def _stream_options(body: dict, stream: bool) -> bool:
-    options = body.get("stream_options")
-    if options is None:
-        return False
-    if not isinstance(options, dict):
-        raise invalid("stream_options", "'stream_options' must be an object")
-    if not stream:
-        raise invalid("stream_options", "'stream_options' is only allowed when 'stream' is true")
-    include = options.get("include_usage", False)
-    if not isinstance(include, bool):
-        raise invalid("stream_options.include_usage", "'include_usage' must be a boolean")
-    return include
+_PART_TAGS = ("text", "image_url")  # a content part's discriminator, reported before its fields
 
 
-def _sampling(body: dict) -> SamplingRequest:
-    max_tokens = _number(body, "max_completion_tokens", 1, 1 << 20, integer=True)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", 1, 1 << 20, integer=True)
-    n = _number(body, "n", 1, MAX_N, integer=True)
-    seed = _number(body, "seed", -(1 << 63), (1 << 63) - 1, integer=True)
-    top_k = _number(body, "top_k", -1, 1 << 20, integer=True)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    if top_p == 0:
-        raise invalid("top_p", "'top_p' must be greater than 0")
-    return SamplingRequest(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=top_p,
-        top_k=top_k,
-        n=n or 1,
-        stop=_stop(body),
-        seed=seed,
-        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0) or 0.0,
-        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
-        repetition_penalty=_number(body, "repetition_penalty", 0.01, 2.0),
-    )
-
-
-def _image(url: Any, param: str) -> ImagePart:
-    if isinstance(url, dict):
-        url = url.get("url")
-    if not isinstance(url, str) or not url:
-        raise invalid(param, f"{param}: image_url must carry a 'url' string", "invalid_image")
+def check_image_url(url: str) -> None:
+    """A base64 data URL of a real PNG/JPEG/GIF/WebP, or an http(s) URL; raises ValueError saying which it is not."""
     if url.startswith("data:"):
         header, sep, payload = url[5:].partition(",")
         media_type, _, encoding = header.partition(";")
         if not sep or encoding != "base64":
-            raise invalid(param, f"{param}: data URL must be 'data:image/<type>;base64,<data>'", "invalid_image")
+            raise ValueError("image data URL must be 'data:image/<type>;base64,<data>'")
         if media_type not in IMAGE_SIGNATURES:
-            raise invalid(param, f"{param}: unsupported image type {media_type!r}; use PNG, JPEG, WebP or GIF",
-                          "invalid_image")
+            raise ValueError(f"unsupported image type {media_type!r}; use PNG, JPEG, WebP or GIF")
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise invalid(param, f"{param}: image data is not valid base64", "invalid_image") from None
+            raise ValueError("image data is not valid base64") from None
         if not data.startswith(IMAGE_SIGNATURES[media_type]) or (
                 media_type == "image/webp" and data[8:12] != b"WEBP"):
-            raise invalid(param, f"{param}: image data is not a valid {media_type} file", "invalid_image")
-        return ImagePart(url=url, media_type=media_type, data=data)
+            raise ValueError(f"image data is not a valid {media_type} file")
+        return
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise invalid(param, f"{param}: image URL must be http(s) or a base64 data URL", "invalid_image")
-    return ImagePart(url=url)
-
-
-def _message(raw: Any, index: int) -> ChatMessage:
-    param = f"messages[{index}]"
-    if not isinstance(raw, dict):
-        raise invalid(param, f"{param} must be an object")
-    role = raw.get("role")
-    if role not in ROLES:
-        raise invalid(f"{param}.role", f"{param}.role must be one of {', '.join(ROLES)}, got {role!r}")
-    content = raw.get("content")
-    if content is None and role == "assistant":
-        return ChatMessage(role=role, text="")
-    if isinstance(content, str):
-        return ChatMessage(role=role, text=content)
-    if not isinstance(content, list):
-        raise invalid(f"{param}.content", f"{param}.content must be a string or a list of content parts")
-    texts: list[str] = []
-    images: list[ImagePart] = []
-    for j, part in enumerate(content):
-        part_param = f"{param}.content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url" and role == "user":
-            images.append(_image(part.get("image_url"), part_param))
-        elif kind == "image_url":
-            raise invalid(part_param, f"{part_param}: only user messages may carry images")
-        else:
-            raise invalid(part_param, f"{part_param} must be a text part or an image_url part")
-    return ChatMessage(role=role, text="\n".join(texts), images=tuple(images))
-
-
-def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages", "'messages' must be a non-empty list")
-    parsed = tuple(_message(m, i) for i, m in enumerate(messages))
-    if all(m.role in ("system", "developer") for m in parsed):
-        raise invalid("messages", "'messages' must contain at least one user or assistant message")
-    stream = _boolean(body, "stream")
-    return ChatRequest(model=_model(body), messages=parsed, sampling=_sampling(body), stream=stream,
-                       include_usage=_stream_options(body, stream))
-
-
-def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts: tuple[str, ...] = (prompt,)
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = tuple(prompt)
-    else:
-        raise invalid("prompt", "'prompt' must be a string or a non-empty list of strings")
-    if len(prompts) > MAX_N:
-        raise invalid("prompt", f"'prompt' may hold at most {MAX_N} prompts")
-    stream = _boolean(body, "stream")
-    return CompletionRequest(model=_model(body), prompts=prompts, sampling=_sampling(body), stream=stream,
-                             include_usage=_stream_options(body, stream))
+        raise ValueError("image URL must be http(s) or a base64 data URL")
 
 
 # ---------------------------------------------------------------- rendering
 
 
-@dataclass
-class Choice:
-    """One finished choice, accumulated from engine deltas."""
-
-    index: int
-    text: str = ""
-    finish_reason: str | None = None
+def new_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def __add__(self, other: "Usage") -> "Usage":
-        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
-
-    def render(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+def render_chat_response(model: str, text: str, finish_reason: str | None, usage: dict[str, int],
+                         **extra: Any) -> dict[str, Any]:
+    """A chat completion we write ourselves (consensus's medoid answer); relayed answers keep the runner's."""
+    return {"id": new_id("chat"), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish_reason}], "usage": usage, **extra}
 
 
-@dataclass(frozen=True)
-class ResponseHead:
-    """What every response and chunk of one request shares."""
-
-    kind: str  # "chat" or "text"
-    model: str
-    id: str = field(default="")
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    @classmethod
-    def new(cls, kind: str, model: str) -> "ResponseHead":
-        prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        return cls(kind=kind, model=model, id=f"{prefix}-{uuid.uuid4().hex}")
-
-
-def render_response(head: ResponseHead, choices: list[Choice], usage: Usage, **extra: Any) -> dict[str, Any]:
-    if head.kind == "chat":
-        rendered = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                     "logprobs": None, "finish_reason": c.finish_reason} for c in choices]
-        obj = "chat.completion"
-    else:
-        rendered = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-                    for c in choices]
-        obj = "text_completion"
-    response = {"id": head.id, "object": obj, "created": head.created, "model": head.model,
-                "choices": rendered, "usage": usage.render()}
-    response.update(extra)
-    return response
-
-
-def render_chunk(head: ResponseHead, index: int, text: str | None, finish_reason: str | None,
-                 *, role: bool = False, **extra: Any) -> dict[str, Any]:
-    """One streamed chunk for one choice; `role` marks the first delta of a chat choice."""
-    if head.kind == "chat":
-        delta: dict[str, Any] = {"role": "assistant"} if role else {}
-        if text is not None:
-            delta["content"] = text
-        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        obj = "text_completion"
-    chunk = {"id": head.id, "object": obj, "created": head.created, "model": head.model, "choices": [choice]}
-    chunk.update(extra)
-    return chunk
-
-
-def render_usage_chunk(head: ResponseHead, usage: Usage, **extra: Any) -> dict[str, Any]:
-    obj = "chat.completion.chunk" if head.kind == "chat" else "text_completion"
-    chunk = {"id": head.id, "object": obj, "created": head.created, "model": head.model, "choices": [],
-             "usage": usage.render()}
-    chunk.update(extra)
-    return chunk
+def render_chat_chunk(chunk_id: str, model: str, text: str | None, finish_reason: str | None, *, role: bool = False,
+                      **extra: Any) -> dict[str, Any]:
+    delta: dict[str, Any] = {"role": "assistant"} if role else {}
+    if text is not None:
+        delta["content"] = text
+    return {"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:

@@ -696,7 +696,7 @@ class Router:
 
     def route_prompt(self, prompt: str) -> RouteDecision:
         """Route a bare completion prompt as if it were one user turn."""
-        return self.route((ChatMessage(role="user", text=prompt),))
+        return self.route((ChatMessage(role="user", content=prompt),))
 
     def route(self, messages: Sequence[ChatMessage]) -> RouteDecision:
         """The expert for a conversation: any image, else the last user turn's signals, else the text match."""
@@ -710,7 +710,7 @@ class Router:
 
     def _decide(self, messages: Sequence[ChatMessage], text: str, scores: dict[str, float]) -> tuple[str, str, float]:
         """Structural rules in order of certainty, then the best text match or the default."""
-        if self.vision_expert and any(m.images for m in messages):
+        if self.vision_expert and any(m.has_images for m in messages):
             return self.vision_expert, "image content", 1.0
         code = _code_evidence(text)
         words = _words(code.prose)

@@ -1,99 +1,83 @@
-"""The request pipeline shared by every server: parsed request -> expert -> engine -> rendered response.
+"""The request pipeline shared by every front: parsed request -> expert -> lease -> runner -> relayed answer.
 
-`CompletionService.chat()` / `.completion()` pick the expert (the named one, or the router's choice)
-and return a `Job`; the HTTP layer then asks the job for a full response or a stream of chunks.
-Engine failures are turned into OpenAI-shaped errors here, in one place.
+`CompletionService.chat()` / `.completion()` pick the expert (the named one, or the router's choice) and build
+the body the runner gets: the expert's system prompt and sampling defaults where the client left them out, the
+front's priority, the runner's model name. The returned `Job` relays the runner's JSON answer or SSE chunks with
+the expert's id as their model. Upstream and host failures become OpenAI-shaped errors here, in one place.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from core.config import AppConfig, ExpertConfig, SamplingDefaults
-from core.engines import (EngineError, GenerationDelta, GenerationRequest, PromptTooLong, SamplingSettings)
-from core.model_manager import ModelManager
-from core.protocol import (APIError, ChatMessage, ChatRequest, Choice, CompletionRequest, ResponseHead,
-                           SamplingRequest, Usage, invalid, render_chunk, render_response, render_usage_chunk,
-                           unavailable)
+from core.config import AppConfig, ExpertConfig
+from core.host_client import Grant, HostClient, HostRefused, HostUnavailable
+from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, invalid, unavailable)
 from core.router import RouteDecision, Router
 from core.stats import Stats
+from core.upstream import Failure, Upstream, UpstreamError
+
+log = logging.getLogger(__name__)
+CHAT_PATH, COMPLETION_PATH = "/v1/chat/completions", "/v1/completions"
 
 
-def resolve_sampling(request: SamplingRequest, defaults: SamplingDefaults) -> SamplingSettings:
-    """Client values where given, the expert's defaults elsewhere."""
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    return SamplingSettings(
-        max_tokens=pick(request.max_tokens, defaults.max_tokens),
-        temperature=pick(request.temperature, defaults.temperature),
-        top_p=pick(request.top_p, defaults.top_p),
-        top_k=pick(request.top_k, defaults.top_k),
-        n=request.n,
-        stop=request.stop,
-        seed=request.seed,
-        presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty,
-        repetition_penalty=pick(request.repetition_penalty, defaults.repetition_penalty),
-    )
-
-
-def engine_messages(expert: ExpertConfig, messages: Sequence[ChatMessage]) -> tuple[dict[str, Any], ...]:
-    """The conversation as the engine sees it: the expert's system prompt first unless the client sent one."""
-    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
-    if expert.system_prompt and not any(t["role"] == "system" for t in turns):
+def engine_messages(expert: ExpertConfig, messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """The conversation as the runner gets it: the expert's system prompt first unless the client sent one."""
+    turns = [message.model_dump(exclude_none=True) for message in messages]
+    for turn in turns:
+        if turn["role"] == "developer":  # small models' chat templates know only "system"
+            turn["role"] = "system"
+    if expert.system_prompt and not any(turn["role"] == "system" for turn in turns):
         turns.insert(0, {"role": "system", "content": expert.system_prompt})
-    return tuple(turns)
+    return turns
 
 
-def chat_generation(expert: ExpertConfig, messages: Sequence[ChatMessage], sampling: SamplingSettings
-                    ) -> GenerationRequest:
-    """A chat turn for the engine: the expert's view of the conversation, its images kept aside."""
-    return GenerationRequest(request_id="", sampling=sampling, messages=engine_messages(expert, messages),
-                             images=tuple(image for message in messages for image in message.images))
+def with_defaults(body: dict[str, Any], expert: ExpertConfig) -> dict[str, Any]:
+    """The expert's sampling defaults for what the client left out."""
+    defaults = expert.sampling
+    if "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = defaults.max_tokens
+    body.setdefault("temperature", defaults.temperature)
+    body.setdefault("top_p", defaults.top_p)
+    if defaults.top_k > 0:
+        body.setdefault("top_k", defaults.top_k)
+    if defaults.repetition_penalty != 1.0:
+        body.setdefault("repetition_penalty", defaults.repetition_penalty)
+    return body
 
 
-@dataclass
-class Generation:
-    """The outcome of a finished generation: choices by index and the token usage."""
+@dataclass(frozen=True)
+class Answer:
+    """A whole chat answer's text, for consensus."""
 
-    choices: list[Choice]
-    usage: Usage
-
-    @property
-    def text(self) -> str:
-        return self.choices[0].text if self.choices else ""
-
-
-async def collect(deltas: AsyncIterator[tuple[int, GenerationDelta]], width: int = 1) -> Generation:
-    """A whole answer from its deltas; `width` is n, so that choice index // width names the prompt."""
-    choices: dict[int, Choice] = {}
-    prompt_tokens: dict[int, int] = {}
-    completion_tokens = 0
-    async with aclosing(deltas):
-        async for index, delta in deltas:
-            choice = choices.setdefault(index, Choice(index))
-            choice.text += delta.text
-            choice.finish_reason = delta.finish_reason or choice.finish_reason
-            prompt_tokens[index // width] = delta.prompt_tokens
-            completion_tokens += delta.new_tokens
-    return Generation(sorted(choices.values(), key=lambda c: c.index),
-                      Usage(sum(prompt_tokens.values()), completion_tokens))
+    text: str
+    finish_reason: str | None
+    usage: dict[str, int]
 
 
 class CompletionService:
-    def __init__(self, config: AppConfig, manager: ModelManager, router: Router, stats: Stats):
+    def __init__(self, kind: str, config: AppConfig, host: HostClient, router: Router, stats: Stats):
+        self.kind = kind
         self.config = config
-        self.manager = manager
+        self.host = host
         self.router = router
         self.stats = stats
+        self.priority = config.server.priorities["streaming" if kind == "streaming" else "standard"]
+        self._upstreams: dict[str, tuple[str, Upstream]] = {}
+        self._reported: dict[str, str | None] = {}
+
+    async def close(self) -> None:
+        for _, upstream in self._upstreams.values():
+            await upstream.close()
 
     # ------------------------------------------------------------ choosing the expert
 
-    def route_chat(self, request: ChatRequest) -> RouteDecision:
+    def route_chat(self, request: ChatCompletionRequest) -> RouteDecision:
         return self._recorded(self.router.route(request.messages))
 
     def route_prompt(self, request: CompletionRequest) -> RouteDecision:
@@ -104,7 +88,8 @@ class CompletionService:
         self.stats.record_route(decision.expert, decision.elapsed_ms)
         return decision
 
-    def select(self, model: str | None, route: Callable[[], RouteDecision]) -> tuple[ExpertConfig, RouteDecision | None]:
+    def select(self, model: str | None, route: Callable[[], RouteDecision]
+               ) -> tuple[ExpertConfig, RouteDecision | None]:
         if model is None:
             decision = route()
             return self.config.expert(decision.expert), decision
@@ -114,81 +99,215 @@ class CompletionService:
                            param="model", code="model_not_found")
         return expert, None
 
-    def chat(self, request: ChatRequest) -> "Job":
+    def chat(self, request: ChatCompletionRequest) -> "Job":
         expert, decision = self.select(request.model, lambda: self.route_chat(request))
         if request.has_images and not expert.vision:
             raise invalid("messages", f"expert '{expert.id}' cannot read images (its model is text-only); "
                                       "send the text alone or use a vision-capable expert", "images_not_supported")
-        generation = chat_generation(expert, request.messages, resolve_sampling(request.sampling, expert.sampling))
-        return Job(self, "chat", expert, decision, [generation], request.include_usage)
+        body = self.chat_body(expert, request, request.messages)
+        return Job(self, expert, decision, CHAT_PATH, body, request.stream, request.include_usage)
 
     def completion(self, request: CompletionRequest) -> "Job":
         expert, decision = self.select(request.model, lambda: self.route_prompt(request))
-        sampling = resolve_sampling(request.sampling, expert.sampling)
-        generations = [GenerationRequest(request_id="", sampling=sampling, prompt=p) for p in request.prompts]
-        return Job(self, "text", expert, decision, generations, request.include_usage)
+        body = with_defaults(self._client_fields(request, exclude={"model"}), expert)
+        return Job(self, expert, decision, COMPLETION_PATH, body, request.stream, request.include_usage)
 
-    # ------------------------------------------------------------ running on an engine
+    def chat_body(self, expert: ExpertConfig, request: ChatCompletionRequest, messages: Sequence[ChatMessage],
+                  **overrides: Any) -> dict[str, Any]:
+        """A chat request for the expert's runner: the client's fields, the expert's prompt and defaults."""
+        body = self._client_fields(request, exclude={"model", "messages"})
+        body["messages"] = engine_messages(expert, messages)
+        body.update(overrides)
+        return with_defaults(body, expert)
 
-    async def deltas(self, expert: ExpertConfig, requests: list[GenerationRequest]
-                     ) -> AsyncIterator[tuple[int, GenerationDelta]]:
-        """Run the requests on the expert's engine; yields (choice index, delta), aborting on early exit."""
+    def _client_fields(self, request: ChatCompletionRequest | CompletionRequest, exclude: set[str]) -> dict[str, Any]:
+        body = request.model_dump(exclude_none=True, by_alias=True, exclude=exclude | {"stream_options", "priority"})
+        body["priority"] = self.priority + (request.priority or 0)
+        if request.stream:
+            body["stream_options"] = {
+                "include_usage": True,  # the front counts tokens; the usage chunk goes to the client if it asked
+                "continuous_usage_stats": bool(request.stream_options and request.stream_options.continuous_usage_stats)}
+        return body
+
+    # ------------------------------------------------------------ running on a runner
+
+    async def complete(self, expert: ExpertConfig, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A whole answer from the expert's runner, with the expert's id as its model."""
         started = time.monotonic()
-        first_token: float | None = None
-        prompt_tokens: dict[int, int] = {}
-        completion_tokens = 0
-        failed = False  # the expert's fault; a client's bad input or early exit is not
+        usage: dict[str, Any] = {}
+        failure: APIError | None = None
         try:
-            async with asyncio.timeout(expert.request_timeout_s), self.manager.use(expert.id) as engine:
-                streams = [engine.generate(_with_id(r)) for r in requests]
-                width = requests[0].sampling.n
-                async with aclosing(_merge(streams)) as merged:
-                    async for position, delta in merged:
-                        prompt_tokens[position] = delta.prompt_tokens
-                        completion_tokens += delta.new_tokens
-                        if first_token is None and delta.new_tokens:
-                            first_token = time.monotonic() - started
-                        yield position * width + delta.index, delta
-            self.manager.request_outcome(expert.id, None)
-        except PromptTooLong as error:
-            raise invalid("messages" if requests[0].messages is not None else "prompt", str(error),
-                          "context_length_exceeded") from None
-        except EngineError as error:
-            failed = True
-            self.manager.engine_failed(expert.id, error)
-            raise unavailable(f"expert '{expert.id}' failed while generating; retry the request",
-                              code="engine_failed") from None
-        except TimeoutError:
-            failed = True
-            message = f"expert '{expert.id}' did not finish within {expert.request_timeout_s:g} s"
-            self.manager.request_outcome(expert.id, message)
-            raise APIError(504, message, type="timeout_error", code="timeout", retry_after=1.0) from None
-        except ValueError as error:  # vLLM rejected the sampling parameters
-            raise invalid(None, f"the engine rejected the request: {error}") from None
-        except APIError as error:  # from the model manager (loading, capacity) or a remote upstream
-            failed = error.status >= 500
-            if failed:
-                self.manager.request_outcome(expert.id, error.message)
-            raise
+            async with asyncio.timeout(expert.request_timeout_s), self._lease(expert) as (grant, upstream):
+                answer = await upstream.complete(path, {**body, "model": grant.model})
+            answer["model"] = expert.id
+            usage = answer.get("usage") or {}
+            return answer
+        except BaseException as error:
+            failure = self._failure(expert, error)
+            if failure is None:
+                raise
+            raise failure from None
         finally:
-            self.stats.record_generation(expert.id, seconds=time.monotonic() - started,
-                                         prompt_tokens=sum(prompt_tokens.values()),
-                                         completion_tokens=completion_tokens, ttft=first_token, ok=not failed)
+            self._finish(expert, started, usage, ttft=None, failure=failure)
 
-    async def generate(self, expert: ExpertConfig, requests: list[GenerationRequest]) -> Generation:
-        return await collect(self.deltas(expert, requests), requests[0].sampling.n)
+    async def stream(self, expert: ExpertConfig, path: str, body: dict[str, Any], include_usage: bool
+                     ) -> AsyncIterator[dict[str, Any]]:
+        """The runner's chunks as they arrive. The request deadline covers waiting for the runner, never the
+        time a chunk spends with the client."""
+        started = time.monotonic()
+        deadline = asyncio.get_running_loop().time() + expert.request_timeout_s
+        ttft: float | None = None
+        usage: dict[str, Any] = {}
+        failure: APIError | None = None
+        counters = self.stats.expert(expert.id)
+        counters.active_streams += 1
+        try:
+            async with self._lease(expert) as (grant, upstream):
+                async with aclosing(upstream.stream(path, {**body, "model": grant.model})) as events:
+                    while True:
+                        async with asyncio.timeout_at(deadline):
+                            event = await anext(events, None)
+                        if event is None:
+                            break
+                        event["model"] = expert.id
+                        if event.get("usage") and not event.get("choices"):
+                            usage = event["usage"]
+                            if not include_usage:
+                                continue
+                        elif ttft is None and _has_output(event):
+                            ttft = time.monotonic() - started
+                        if not include_usage:
+                            event.pop("usage", None)
+                        yield event
+        except BaseException as error:
+            failure = self._failure(expert, error)
+            if failure is None:
+                raise
+            raise failure from None
+        finally:
+            counters.active_streams -= 1
+            self._finish(expert, started, usage, ttft, failure)
+
+    async def chat_answer(self, expert: ExpertConfig, request: ChatCompletionRequest,
+                          messages: Sequence[ChatMessage], **overrides: Any) -> Answer:
+        """One expert's whole chat answer as text (consensus candidates)."""
+        body = self.chat_body(expert, request, messages, **overrides)
+        body.pop("stream_options", None)
+        answer = await self.complete(expert, CHAT_PATH, {**body, "stream": False})
+        choice = (answer.get("choices") or [{}])[0]
+        return Answer((choice.get("message") or {}).get("content") or "", choice.get("finish_reason"),
+                      answer.get("usage") or {})
+
+    def _lease(self, expert: ExpertConfig):
+        return _Lease(self, expert)
+
+    def upstream_for(self, expert: ExpertConfig, grant: Grant) -> Upstream:
+        """One pooled client per runner; a restarted runner (a new URL) gets a new one."""
+        known = self._upstreams.get(grant.runner)
+        if known is not None and known[0] == grant.base_url:
+            return known[1]
+        if known is not None:
+            asyncio.get_running_loop().create_task(known[1].close())
+        options = expert.engine
+        remote = options.kind == "remote"
+        upstream = Upstream(grant.base_url, where=(f"the upstream of expert '{expert.id}' ({grant.base_url})" if remote
+                                                   else f"the runner of expert '{expert.id}'"),
+                            api_key_env=options.api_key_env if remote else None,
+                            connect_timeout_s=options.connect_timeout_s, read_timeout_s=options.read_timeout_s,
+                            max_connections=256)
+        self._upstreams[grant.runner] = (grant.base_url, upstream)
+        return upstream
+
+    # ------------------------------------------------------------ outcomes
+
+    def _failure(self, expert: ExpertConfig, error: BaseException) -> APIError | None:
+        """The client's view of a failure, or None for what is not one (a cancelled request)."""
+        if isinstance(error, APIError):
+            return error
+        if isinstance(error, HostRefused):
+            fields = error.fields
+            return APIError(error.status, f"expert '{expert.id}': {error}", type=fields.get("type", "server_error"),
+                            code=fields.get("code"), retry_after=error.retry_after)
+        if isinstance(error, HostUnavailable):
+            return unavailable(str(error), code="host_unavailable")
+        if isinstance(error, TimeoutError):
+            return APIError(504, f"expert '{expert.id}' did not finish within {expert.request_timeout_s:g} s",
+                            type="timeout_error", code="timeout", retry_after=1.0)
+        if isinstance(error, UpstreamError):
+            return _upstream_error(expert, error)
+        return None
+
+    def _finish(self, expert: ExpertConfig, started: float, usage: dict[str, Any], ttft: float | None,
+                failure: APIError | None) -> None:
+        failed = failure is not None and failure.status >= 500
+        self.stats.record_generation(expert.id, seconds=time.monotonic() - started,
+                                     prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                                     completion_tokens=int(usage.get("completion_tokens") or 0), ttft=ttft,
+                                     ok=not failed)
+        error = failure.message if failed and failure.code not in _HOST_CODES else None
+        if failure is None or failed:
+            if self._reported.get(expert.id) != error:
+                self._reported[expert.id] = error
+                asyncio.get_running_loop().create_task(self.host.report(expert.id, error))
+
+
+# Refusals the host itself gave (it already shows them in /health); only runner and upstream failures are reported.
+_HOST_CODES = {"queue_full", "expert_loading", "expert_load_failed", "capacity", "expert_unloaded",
+               "restart_backoff", "shutting_down", "host_unavailable"}
+
+
+class _Lease:
+    """`async with service._lease(expert) as (grant, upstream)`: a host lease and the client for its runner."""
+
+    def __init__(self, service: CompletionService, expert: ExpertConfig):
+        self.service = service
+        self.expert = expert
+        self._lease = service.host.lease(expert.id)
+
+    async def __aenter__(self) -> tuple[Grant, Upstream]:
+        grant = await self._lease.__aenter__()
+        return grant, self.service.upstream_for(self.expert, grant)
+
+    async def __aexit__(self, *exc_info) -> bool | None:
+        return await self._lease.__aexit__(*exc_info)
+
+
+def _has_output(event: dict[str, Any]) -> bool:
+    for choice in event.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if choice.get("text") or delta.get("content") or delta.get("tool_calls"):
+            return True
+    return False
+
+
+def _upstream_error(expert: ExpertConfig, error: UpstreamError) -> APIError:
+    """Statuses for what went wrong upstream: the client's mistakes pass through, ours are 5xx."""
+    failure = error.failure
+    if failure is Failure.REJECTED:
+        fields = {name: value for name, value in error.fields.items() if isinstance(value, str)}  # vLLM's code is an int
+        return APIError(error.status or 400, error.message, type=fields.get("type", "invalid_request_error"),
+                        param=fields.get("param"), code=fields.get("code"), retry_after=error.retry_after)
+    if failure is Failure.TIMEOUT:
+        return APIError(504, error.message, type="timeout_error", code="upstream_timeout", retry_after=1.0)
+    if expert.engine.kind == "vllm":  # our own runner went away or broke: the host restarts it
+        return unavailable(f"expert '{expert.id}' failed while generating ({error.message}); retry the request",
+                           code="engine_failed")
+    if failure in (Failure.UNREACHABLE, Failure.UNAVAILABLE):
+        return unavailable(error.message, retry_after=error.retry_after or 1.0, code="upstream_unavailable")
+    return APIError(502, error.message, type="server_error", code="upstream_error")
 
 
 class Job:
     """One accepted request, bound to the expert that will answer it."""
 
-    def __init__(self, service: CompletionService, kind: str, expert: ExpertConfig, route: RouteDecision | None,
-                 requests: list[GenerationRequest], include_usage: bool):
+    def __init__(self, service: CompletionService, expert: ExpertConfig, route: RouteDecision | None, path: str,
+                 body: dict[str, Any], stream: bool, include_usage: bool):
         self.service = service
-        self.kind = kind
         self.expert = expert
         self.route = route
-        self.requests = requests
+        self.path = path
+        self.body = body
+        self.streaming = stream
         self.include_usage = include_usage
 
     def headers(self) -> dict[str, str]:
@@ -199,69 +318,7 @@ class Job:
         return headers
 
     async def complete(self) -> dict[str, Any]:
-        generation = await self.service.generate(self.expert, self.requests)
-        return render_response(ResponseHead.new(self.kind, self.expert.id), generation.choices, generation.usage)
+        return await self.service.complete(self.expert, self.path, self.body)
 
-    async def stream(self) -> AsyncIterator[dict[str, Any]]:
-        """Chunks as the engine produces them; raises APIError before the first chunk if it cannot start."""
-        head = ResponseHead.new(self.kind, self.expert.id)
-        stats = self.service.stats.expert(self.expert.id)
-        started: set[int] = set()
-        prompt_tokens: dict[int, int] = {}
-        completion_tokens = 0
-        width = self.requests[0].sampling.n
-        stats.active_streams += 1
-        try:
-            async with aclosing(self.service.deltas(self.expert, self.requests)) as deltas:
-                async for index, delta in deltas:
-                    prompt_tokens[index // width] = delta.prompt_tokens
-                    completion_tokens += delta.new_tokens
-                    first = self.kind == "chat" and index not in started
-                    started.add(index)
-                    if delta.text or first or delta.finish_reason:
-                        yield render_chunk(head, index, delta.text, delta.finish_reason, role=first)
-            if self.include_usage:
-                yield render_usage_chunk(head, Usage(sum(prompt_tokens.values()), completion_tokens))
-        finally:
-            stats.active_streams -= 1
-
-
-def _with_id(request: GenerationRequest) -> GenerationRequest:
-    return replace(request, request_id=uuid.uuid4().hex)
-
-
-async def _merge(streams: list[AsyncIterator[GenerationDelta]]) -> AsyncIterator[tuple[int, GenerationDelta]]:
-    """Interleave several engine streams as their deltas arrive; closing this closes (aborts) them all."""
-    if len(streams) == 1:
-        async with aclosing(streams[0]) as only:
-            async for delta in only:
-                yield 0, delta
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(position: int, stream: AsyncIterator[GenerationDelta]) -> None:
-        try:
-            async with aclosing(stream):
-                async for delta in stream:
-                    await queue.put((position, delta))
-        except Exception as error:  # noqa: BLE001 - re-raised in the consumer
-            await queue.put(error)
-        finally:
-            await queue.put(done)
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    def stream(self) -> AsyncIterator[dict[str, Any]]:
+        return self.service.stream(self.expert, self.path, self.body, self.include_usage)

@@ -23,16 +23,18 @@ class Metrics:
         r = self.registry
         self.requests = PromCounter("capibara_requests", "Generation requests by expert and outcome",
                                     ["expert", "outcome"], registry=r)
-        self.http_errors = PromCounter("capibara_http_errors", "Error responses by HTTP status", ["status"],
-                                       registry=r)
+        self.http_errors = PromCounter("capibara_http_errors", "Error responses (and error events in streams) by "
+                                       "HTTP status", ["status"], registry=r)
         self.latency = Histogram("capibara_request_latency_seconds", "Generation latency", ["expert"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("capibara_time_to_first_token_seconds", "Time to first token", ["expert"],
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = PromCounter("capibara_tokens", "Tokens processed", ["expert", "kind"], registry=r)
-        self.loads = PromCounter("capibara_expert_loads", "Expert loads by outcome", ["expert", "outcome"],
-                                 registry=r)
-        self.unloads = PromCounter("capibara_expert_unloads", "Expert unloads", ["expert"], registry=r)
+        # Loads happen in the model host; each front reports the host's counts at scrape time.
+        self.loads = Gauge("capibara_expert_loads", "Runner starts of the expert's runner by outcome, since the model "
+                           "host started", ["expert", "outcome"], registry=r)
+        self.unloads = Gauge("capibara_expert_unloads", "Idle or manual unloads of the expert's runner", ["expert"],
+                             registry=r)
         self.routes = PromCounter("capibara_route_decisions", "Router decisions by chosen expert", ["expert"],
                                   registry=r)
         self.loaded = Gauge("capibara_loaded_experts", "Experts loaded now", registry=r)
@@ -74,10 +76,6 @@ class ExpertStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     generation_seconds: float = 0.0
-    loads: int = 0
-    load_failures: int = 0
-    unloads: int = 0
-    last_load_seconds: float | None = None
     active_streams: int = 0
     latency: Samples = field(default_factory=Samples)
     ttft: Samples = field(default_factory=Samples)
@@ -95,10 +93,6 @@ class ExpertStats:
             "ttft_s": self.ttft.summary(50, 95),
             "inter_token_s": self.inter_token.summary(50, 95),
             "active_streams": self.active_streams,
-            "loads": self.loads,
-            "load_failures": self.load_failures,
-            "unloads": self.unloads,
-            "last_load_s": None if self.last_load_seconds is None else round(self.last_load_seconds, 3),
         }
 
 
@@ -111,7 +105,7 @@ class Stats:
         self.experts: dict[str, ExpertStats] = {}
         self.route_decisions: Counter[str] = Counter()
         self.route_latency = Samples()
-        self.client_errors: Counter[int] = Counter()
+        self.http_errors: Counter[int] = Counter()
         self.consensus_requests = 0
         self.consensus_experts_used = 0
         self.consensus_failures: Counter[str] = Counter()
@@ -130,8 +124,8 @@ class Stats:
         self.route_latency.add(elapsed_ms)
         self.metrics.routes.labels(expert_id).inc()
 
-    def record_client_error(self, status: int) -> None:
-        self.client_errors[status] += 1
+    def record_http_error(self, status: int) -> None:
+        self.http_errors[status] += 1
         self.metrics.http_errors.labels(str(status)).inc()
 
     def record_generation(self, expert_id: str, *, seconds: float, prompt_tokens: int, completion_tokens: int,
@@ -154,19 +148,6 @@ class Stats:
             stats.generation_seconds += seconds
             if completion_tokens > 1:
                 stats.inter_token.add((seconds - ttft) / (completion_tokens - 1))
-
-    def record_load(self, expert_id: str, seconds: float, ok: bool) -> None:
-        stats = self.expert(expert_id)
-        self.metrics.loads.labels(expert_id, "ok" if ok else "failed").inc()
-        if ok:
-            stats.loads += 1
-            stats.last_load_seconds = seconds
-        else:
-            stats.load_failures += 1
-
-    def record_unload(self, expert_id: str) -> None:
-        self.expert(expert_id).unloads += 1
-        self.metrics.unloads.labels(expert_id).inc()
 
     def record_consensus(self, experts_used: int, fanout_s: float, synthesis_s: float | None,
                          failed: list[str]) -> None:
@@ -191,7 +172,7 @@ class Stats:
                 "decisions": dict(self.route_decisions),
                 "latency_ms": self.route_latency.summary(50, 99),
             },
-            "client_errors": {str(k): v for k, v in sorted(self.client_errors.items())},
+            "http_errors": {str(k): v for k, v in sorted(self.http_errors.items())},
             "consensus": {
                 "requests": self.consensus_requests,
                 "mean_experts_used": (self.consensus_experts_used / self.consensus_requests
@@ -209,5 +190,8 @@ class Stats:
         for expert_id, state in expert_states.items():
             metrics.queue.labels(expert_id).set(state["queued_requests"])
             metrics.active.labels(expert_id).set(state["active_requests"])
+            metrics.loads.labels(expert_id, "ok").set(state["loads"])
+            metrics.loads.labels(expert_id, "failed").set(state["load_failures"])
+            metrics.unloads.labels(expert_id).set(state["unloads"])
         metrics.streams.set(sum(s.active_streams for s in self.experts.values()))
         return generate_latest(metrics.registry)

@@ -1,0 +1,246 @@
+"""Runners: one expert's engine in its own processes (vLLM's OpenAI server), started and stopped by the host.
+
+A runner is keyed by its model and engine settings, so experts that differ only in system prompt, sampling
+defaults or routing share one. This module turns settings into a command line (downgrading what the platform
+cannot honour), starts the process in its own process group with a parent-death signal, waits for it to
+answer, and stops the whole group so that its memory returns to the OS.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import re
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from core.config import ExpertConfig
+
+log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+# Engine settings that make two runners different; an expert's prompt, sampling and routing do not.
+RUNNER_FIELDS = ("dtype", "quantization", "kv_cache_dtype", "kv_cache_memory_bytes", "max_model_len",
+                 "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "max_seq_len_to_capture",
+                 "enable_chunked_prefill", "enable_prefix_caching", "neon_kernels", "seed", "tool_call_parser",
+                 "cpu_cores")
+REMOTE_FIELDS = ("base_url", "remote_model", "api_key_env", "connect_timeout_s", "read_timeout_s")
+
+
+class RunnerError(Exception):
+    """A runner could not start, or died; the message says why in words a client may read."""
+
+
+def runner_key(expert: ExpertConfig) -> str:
+    """A short stable name for the runner that serves an expert: its model's name and a hash of its settings."""
+    options = expert.engine
+    fields = REMOTE_FIELDS if options.kind == "remote" else RUNNER_FIELDS
+    settings = repr((options.kind, expert.model, [getattr(options, name) for name in fields]))
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(expert.model.rstrip("/")).name)[:40] or "model"
+    return f"{options.kind}-{name}-{digest}"
+
+
+def cpu_flags() -> dict[str, bool]:
+    """What this machine offers that decides which engine options can be honoured (read without importing torch)."""
+    arch = platform.machine().lower()
+    x86 = arch in ("x86_64", "amd64")
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    return {
+        "x86": x86,
+        "arm": arch in ("aarch64", "arm64"),
+        "avx512": x86 and "avx512f" in flags,
+        "avx512_bf16": x86 and "avx512_bf16" in flags,
+        "amx": x86 and "amx_tile" in flags,
+        "gpu": Path("/dev/nvidia0").exists(),
+    }
+
+
+@dataclass(frozen=True)
+class RunnerPlan:
+    """What a runner is started with: vLLM's flags, the settings it really gets, and what was downgraded."""
+
+    flags: tuple[str, ...]
+    effective: dict[str, Any]
+    warnings: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def plan_runner(expert: ExpertConfig, cpu: dict[str, bool]) -> RunnerPlan:
+    """vLLM server flags for an expert's engine options; never raises for a platform mismatch."""
+    options = expert.engine
+    warnings: list[str] = []
+    dtype, kv_cache_dtype = options.dtype, options.kv_cache_dtype
+    on_cpu = not cpu["gpu"]
+    if on_cpu and kv_cache_dtype != "auto" and not (cpu["avx512"] or cpu["amx"]):
+        warnings.append(f"kv_cache_dtype={kv_cache_dtype} needs AVX-512 or AMX in vLLM-cpu"
+                        f"{' (absent on ARM)' if cpu['arm'] else ''}; using the model dtype")
+        kv_cache_dtype = "auto"
+    if on_cpu and cpu["x86"] and dtype in ("bfloat16", "float16") and not cpu["avx512_bf16"]:
+        warnings.append(f"dtype={dtype} without AVX512-BF16 gives wrong text on vLLM-cpu; using float32")
+        dtype = "float32"
+    if options.num_scheduler_steps > 1:
+        warnings.append("num_scheduler_steps>1 (multi-step scheduling) no longer exists in vLLM V1; "
+                        "the V1 scheduler already overlaps steps")
+    capture = options.max_seq_len_to_capture
+    if capture is not None and (options.enforce_eager or on_cpu):
+        warnings.append("graph capture needs a GPU and enforce_eager=false; running eagerly" if on_cpu
+                        else "max_seq_len_to_capture ignored with enforce_eager=true")
+        capture = None
+    eager = options.enforce_eager or on_cpu
+    flags = ["--dtype", dtype, "--kv-cache-dtype", kv_cache_dtype, "--max-model-len", str(options.max_model_len),
+             "--max-num-seqs", str(options.max_num_seqs), "--seed", str(options.seed),
+             "--scheduling-policy", "priority", "--disable-log-stats", "--disable-uvicorn-access-log",
+             "--enable-chunked-prefill" if options.enable_chunked_prefill else "--no-enable-chunked-prefill",
+             "--enable-prefix-caching" if options.enable_prefix_caching else "--no-enable-prefix-caching"]
+    if eager:
+        flags.append("--enforce-eager")
+    if options.quantization:
+        flags += ["--quantization", options.quantization]
+    if options.kv_cache_memory_bytes is not None:
+        flags += ["--kv-cache-memory-bytes", str(options.kv_cache_memory_bytes)]
+    if options.max_num_batched_tokens is not None:
+        flags += ["--max-num-batched-tokens", str(options.max_num_batched_tokens)]
+    if capture is not None:
+        flags += ["--max-cudagraph-capture-size", str(capture)]
+    if options.tool_call_parser:
+        flags += ["--enable-auto-tool-choice", "--tool-call-parser", options.tool_call_parser]
+    env = {"NEON_EXT_VLLM_OPS": "1"} if options.neon_kernels else {}
+    if options.neon_kernels and dtype != "float32":
+        warnings.append(f"neon_kernels are float32 kernels; with dtype={dtype} the layers keep vLLM's own ops")
+    effective = {"dtype": dtype, "quantization": options.quantization, "kv_cache_dtype": kv_cache_dtype,
+                 "kv_cache_memory_bytes": options.kv_cache_memory_bytes, "max_model_len": options.max_model_len,
+                 "max_num_seqs": options.max_num_seqs, "max_num_batched_tokens": options.max_num_batched_tokens,
+                 "enforce_eager": eager, "enable_chunked_prefill": options.enable_chunked_prefill,
+                 "enable_prefix_caching": options.enable_prefix_caching, "num_scheduler_steps": 1,
+                 "max_seq_len_to_capture": capture, "seed": options.seed, "neon_kernels": options.neon_kernels,
+                 "tool_call_parser": options.tool_call_parser, "scheduling_policy": "priority"}
+    return RunnerPlan(tuple(flags), effective, tuple(warnings), env)
+
+
+def split_cores(total: int, front_cores: int, slots: int) -> list[str]:
+    """OpenMP core sets for `slots` runners: the cores left after the fronts' share, split evenly.
+
+    The fronts get `front_cores` only on machines with at least 8 cores; when there are fewer cores than
+    slots, every runner gets all of them (the OS shares them out).
+    """
+    reserved = front_cores if total >= 8 else 0
+    usable = list(range(reserved, total))
+    slots = max(1, slots)
+    if len(usable) < slots:
+        return [_core_range(usable)] * slots
+    size = len(usable) // slots
+    return [_core_range(usable[i * size:(i + 1) * size]) for i in range(slots)]
+
+
+def _core_range(cores: list[int]) -> str:
+    return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the host dies, so no runner outlives its owner."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class RunnerProcess:
+    """One started vLLM server: its process group, its URL, and its exit."""
+
+    def __init__(self, key: str, process: asyncio.subprocess.Process, port: int, log_path: Path):
+        self.key = key
+        self.process = process
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.started = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    async def start(cls, expert: ExpertConfig, key: str, plan: RunnerPlan, cores: str, log_dir: Path
+                    ) -> "RunnerProcess":
+        """Launch the server; returns at once (see `wait_ready`)."""
+        port = free_port()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{key}.log"
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", expert.model,
+                "--served-model-name", key, "--host", "127.0.0.1", "--port", str(port), *plan.flags]
+        env = {**os.environ, **plan.env, "VLLM_CPU_OMP_THREADS_BIND": cores,
+               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+        with open(log_path, "ab") as log_file:
+            log_file.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+            log_file.flush()
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
+                start_new_session=True, preexec_fn=_die_with_parent)
+        log.info("runner %s starting: pid %d on port %d, cores %s, log %s", key, process.pid, port, cores, log_path)
+        return cls(key, process, port, log_path)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Until the server answers /health; raises RunnerError if it exits or the timeout passes first."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while True:
+                if self.process.returncode is not None:
+                    raise RunnerError(f"the runner exited with status {self.process.returncode} while starting "
+                                      f"({self.last_log_line()})")
+                try:
+                    async with session.get(f"{self.base_url}/health") as response:
+                        if response.status == 200:
+                            return
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise RunnerError(f"the runner did not answer within {timeout:g} s")
+                await asyncio.sleep(0.25)
+
+    def last_log_line(self) -> str:
+        """The last error-looking line of the runner's log, for a failed start."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()[-200:]
+        except OSError:
+            return "no log"
+        errors = [line for line in lines if "Error" in line or "error" in line]
+        return (errors or lines or ["no output"])[-1].strip()[:300]
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to the whole process group, SIGKILL after the grace period; returns once the server exited."""
+        self._signal_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), grace_s)
+        except TimeoutError:
+            self._signal_group(signal.SIGKILL)
+            await self.process.wait()
+        self._signal_group(signal.SIGKILL)  # engine-core children that outlived their server
+
+    def kill_now(self) -> None:
+        """For the host's exit path, where nothing can be awaited."""
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
