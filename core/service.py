@@ -210,8 +210,8 @@ class CompletionService:
             asyncio.get_running_loop().create_task(known[1].close())
         options = expert.engine
         remote = options.kind == "remote"
-        upstream = Upstream(grant.base_url, where=(f"the upstream of expert '{expert.id}' ({grant.base_url})" if remote
-                                                   else f"the runner of expert '{expert.id}'"),
+        upstream = Upstream(grant.base_url, where=(f"its upstream ({grant.base_url})" if remote
+                                                   else f"its runner ({grant.runner})"),
                             api_key_env=options.api_key_env if remote else None,
                             connect_timeout_s=options.connect_timeout_s, read_timeout_s=options.read_timeout_s,
                             max_connections=256)
@@ -287,14 +287,14 @@ def _upstream_error(expert: ExpertConfig, error: UpstreamError) -> APIError:
         fields = {name: value for name, value in error.fields.items() if isinstance(value, str)}  # vLLM's code is an int
         return APIError(error.status or 400, error.message, type=fields.get("type", "invalid_request_error"),
                         param=fields.get("param"), code=fields.get("code"), retry_after=error.retry_after)
+    message = f"expert '{expert.id}': {error.message}"
     if failure is Failure.TIMEOUT:
-        return APIError(504, error.message, type="timeout_error", code="upstream_timeout", retry_after=1.0)
+        return APIError(504, message, type="timeout_error", code="upstream_timeout", retry_after=1.0)
     if expert.engine.kind == "vllm":  # our own runner went away or broke: the host restarts it
-        return unavailable(f"expert '{expert.id}' failed while generating ({error.message}); retry the request",
-                           code="engine_failed")
+        return unavailable(f"{message}; retry the request", code="engine_failed")
     if failure in (Failure.UNREACHABLE, Failure.UNAVAILABLE):
-        return unavailable(error.message, retry_after=error.retry_after or 1.0, code="upstream_unavailable")
-    return APIError(502, error.message, type="server_error", code="upstream_error")
+        return unavailable(message, retry_after=error.retry_after or 1.0, code="upstream_unavailable")
+    return APIError(502, message, type="server_error", code="upstream_error")
 
 
 class Job:

@@ -1,4 +1,5 @@
-"""Shared fixtures: real server processes on free ports, test configs, and one real vLLM server per session."""
+"""Shared fixtures: real server processes on free ports, test configs, a fake OpenAI upstream, and one real vLLM
+runner shared by every test that needs the engine (the session's fronts all use one config, so one model host)."""
 from __future__ import annotations
 
 import copy
@@ -17,6 +18,8 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = json.loads((REPO / "configs" / "embedded.json").read_text())
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
+# The fake upstream's models: plain echo, and experts that always fail, hang or answer slowly.
+FAKE_MODELS = ("echo", "echo[[fail]]", "echo[[hang]]", "echo[[delay=0.05]]", "echo[[cut]]")
 
 
 def free_port() -> int:
@@ -25,17 +28,67 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_config(tmp_path: Path, *, engine: str = "vllm", name: str = "config.json", **server) -> tuple[Path, dict]:
-    """The embedded config with absolute model paths, an engine kind for every expert, and server overrides."""
+def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None, what: str = "server") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"{what} exited {process.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not answer {url} within {timeout} s")
+
+
+class FakeUpstream:
+    """tests/fake_upstream.py in its own process on a real port."""
+
+    def __init__(self, port: int | None = None, models: tuple[str, ...] = FAKE_MODELS, token_delay: float = 0.0,
+                 api_key: str | None = None, models_delay: float = 0.0, wait: bool = True):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "tests.fake_upstream", "--port", str(self.port), "--models", ",".join(models),
+                "--token-delay", str(token_delay), "--models-delay", str(models_delay)]
+        if api_key:
+            argv += ["--api-key", api_key]
+        self.process = subprocess.Popen(argv, cwd=REPO)
+        if wait:
+            wait_http(self.url + "/health", 30, self.process, "fake upstream")
+
+    def requests(self) -> list[dict]:
+        return requests.get(self.url + "/_requests", timeout=5).json()["requests"]
+
+    def open_streams(self) -> int:
+        return requests.get(self.url + "/_requests", timeout=5).json()["open_streams"]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def make_config(tmp_path: Path, *, engine: str = "vllm", upstream: str | None = None, name: str = "config.json",
+                **server) -> tuple[Path, dict]:
+    """The embedded config for a test: its own run dir (so its own model host), the real model for every expert
+    (engine "vllm") or the fake upstream at `upstream` (engine "fake"), and server overrides."""
     config = copy.deepcopy(EMBEDDED)
     for expert in config["experts"]:
-        expert["model"] = str(MODEL_DIR) if engine == "vllm" else "scripted"
-        if engine != "vllm":
-            expert["engine"] = {"kind": engine}
-    config["server"].update({"warmup": [], **server})
+        if engine == "vllm":
+            expert["model"] = str(MODEL_DIR)
+        else:
+            expert["model"] = "echo"
+            expert["engine"] = {"kind": "remote", "base_url": upstream, "remote_model": "echo"}
+    config["server"].update({"warmup": [], "run_dir": str(tmp_path / "run"), "host_linger_s": 1, **server})
     path = tmp_path / name
     path.write_text(json.dumps(config))
     return path, config
+
+
+def fake_engine(config: dict, expert_index: int, model: str) -> None:
+    """Point one expert at another of the fake upstream's models (e.g. "echo[[hang]]")."""
+    config["experts"][expert_index]["engine"]["remote_model"] = model
 
 
 def write_config(path: Path, config: dict) -> Path:
@@ -49,6 +102,7 @@ class Server:
     def __init__(self, kind: str, config: Path, log: Path, env: dict[str, str] | None = None,
                  port: int | None = None):
         self.kind = kind
+        self.config = config
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -68,10 +122,10 @@ class Server:
                     return self
             except requests.RequestException:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.1)
         raise AssertionError(f"{self.kind} server not healthy after {timeout} s:\n{self.tail()}")
 
-    def wait_state(self, expert: str, state: str, timeout: float = 120.0) -> None:
+    def wait_state(self, expert: str, state: str, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.health()["experts"][expert]["state"] == state:
@@ -85,11 +139,11 @@ class Server:
     def stats(self) -> dict:
         return requests.get(self.url + "/stats", timeout=5).json()
 
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
+    def models(self) -> dict[str, dict]:
+        return {m["id"]: m for m in requests.get(self.url + "/v1/models", timeout=5).json()["data"]}
+
+    def runner_pid(self, expert: str) -> int | None:
+        return self.models()[expert]["engine"].get("pid")
 
     def tail(self, lines: int = 40) -> str:
         self._log_handle.flush()
@@ -105,6 +159,68 @@ class Server:
                 self.process.wait()
         self._log_handle.close()
         return self.process.returncode
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of one process (shared pages split among their users)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no Pss")
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, ()))
+    return tree
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def runner_processes() -> set[int]:
+    """Every vLLM OpenAI server process on the machine."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"vllm.entrypoints.openai.api_server" in cmdline and alive(int(entry.name)):
+                found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_runner_outlives_the_suite():
+    """Runners die with their host: at the end, none that the suite started may still run."""
+    before = runner_processes()
+    yield
+    deadline = time.monotonic() + 30
+    while runner_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stray = runner_processes() - before
+    for pid in stray:
+        os.kill(pid, signal.SIGKILL)
+    assert not stray, f"runner processes outlived the suite: {sorted(stray)}"
 
 
 @pytest.fixture
@@ -123,36 +239,56 @@ def start_server(tmp_path):
         server.stop()
 
 
-def warm_vllm_server(tmp_path_factory, kind: str, expert: str):
-    """A server of `kind` on the real vLLM engine with `expert` loaded, stopped when the generator closes."""
-    tmp = tmp_path_factory.mktemp(f"vllm-{kind}")
-    path, _ = make_config(tmp, warmup=[expert], max_loaded_experts=2)
-    server = Server(kind, path, tmp / f"{kind}.log").wait_healthy()
-    server.wait_state(expert, "ready")
+@pytest.fixture(scope="session")
+def fake_upstream():
+    """One fake OpenAI upstream for the session (models FAKE_MODELS)."""
+    upstream = FakeUpstream()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_config(tmp_path_factory, fake_upstream) -> Path:
+    return make_config(tmp_path_factory.mktemp("fake"), engine="fake", upstream=fake_upstream.url)[0]
+
+
+@pytest.fixture(scope="session")
+def fake_server(fake_config, tmp_path_factory):
+    """A standard server whose experts are all the fake upstream, for protocol edge cases."""
+    server = Server("standard", fake_config, tmp_path_factory.mktemp("fake-log") / "s.log").wait_healthy()
+    yield server
+    server.stop()
+
+
+# ---------------------------------------------------------------- the real engine, shared
+
+
+@pytest.fixture(scope="session")
+def vllm_config(tmp_path_factory) -> Path:
+    """The session's real-engine config: the five experts share one runner, warm from the start."""
+    return make_config(tmp_path_factory.mktemp("vllm"), warmup=["phi4_fast"], host_linger_s=5)[0]
+
+
+def _vllm_front(tmp_path_factory, vllm_config: Path, kind: str):
+    server = Server(kind, vllm_config, tmp_path_factory.mktemp(f"vllm-{kind}") / f"{kind}.log").wait_healthy()
+    server.wait_state("phi4_fast", "ready", timeout=300)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory):
-    """One standard server on the real vLLM engine for the whole session (phi4_fast warm)."""
-    yield from warm_vllm_server(tmp_path_factory, "standard", "phi4_fast")
+def vllm_server(tmp_path_factory, vllm_config):
+    """The standard front (8082's kind) on the session's runner."""
+    yield from _vllm_front(tmp_path_factory, vllm_config, "standard")
 
 
 @pytest.fixture(scope="session")
-def scripted_config(tmp_path_factory) -> Path:
-    return make_config(tmp_path_factory.mktemp("scripted"), engine="test")[0]
+def vllm_streaming_server(tmp_path_factory, vllm_config):
+    """The streaming front (8083's kind) on the same runner."""
+    yield from _vllm_front(tmp_path_factory, vllm_config, "streaming")
 
 
 @pytest.fixture(scope="session")
-def scripted_server(scripted_config, tmp_path_factory):
-    """A standard server on the deterministic test engine, for protocol edge cases."""
-    server = Server("standard", scripted_config, tmp_path_factory.mktemp("scripted-log") / "s.log").wait_healthy()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def vllm_streaming_server(tmp_path_factory):
-    """One streaming server (the 8083 kind) on the real vLLM engine for the whole session (qwen_coder warm)."""
-    yield from warm_vllm_server(tmp_path_factory, "streaming", "qwen_coder")
+def vllm_consensus_server(tmp_path_factory, vllm_config):
+    """The consensus front (8084's kind) on the same runner."""
+    yield from _vllm_front(tmp_path_factory, vllm_config, "consensus")

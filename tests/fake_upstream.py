@@ -4,7 +4,9 @@ It answers with the words of the last user message (or the prompt) prefixed by "
 honouring max_tokens, stop strings, n and stream_options.include_usage. Directives in the text script faults:
 ``[[sleep=S]]`` waits S seconds before the first token, ``[[fail]]`` sends an error event after the first
 token (a 500 when not streaming), ``[[cut]]`` drops the connection after the first token, ``[[hang]]`` never
-answers, ``[[status=N]]`` answers HTTP N with an OpenAI error. ``GET /_requests`` lists the bodies it received,
+answers, ``[[status=N]]`` answers HTTP N with an OpenAI error, ``[[delay=S]]`` waits S seconds before each
+token. Directives in the model's name apply to every request for it (serve ``echo[[hang]]`` for an expert that
+always hangs). ``GET /_requests`` lists the bodies it received,
 so tests can check what a front forwarded. Run it as ``python -m tests.fake_upstream --port P``; it is never the
 only evidence that a feature works.
 """
@@ -21,6 +23,7 @@ import orjson
 from aiohttp import web
 
 _SLEEP = re.compile(r"\[\[sleep=([0-9.]+)\]\]")
+_DELAY = re.compile(r"\[\[delay=([0-9.]+)\]\]")
 _STATUS = re.compile(r"\[\[status=([0-9]{3})\]\]")
 
 
@@ -62,13 +65,16 @@ class FakeUpstream:
         if body.get("model") not in self.models:
             return _error(404, f"The model `{body.get('model')}` does not exist.")
         source = _source(body, chat)
-        status = _STATUS.search(source)
+        directives = f"{body['model']} {source}"
+        status = _STATUS.search(directives)
         if status:
             return _error(int(status.group(1)), f"scripted status {status.group(1)}")
-        sleep = _SLEEP.search(source)
+        sleep = _SLEEP.search(directives)
         if sleep:
             await asyncio.sleep(float(sleep.group(1)))
-        if "[[hang]]" in source:
+        delay = _DELAY.search(directives)
+        token_delay_s = float(delay.group(1)) if delay else self.token_delay_s
+        if "[[hang]]" in directives:
             await asyncio.Event().wait()
         words = ["echo:", *source.split()]
         n, max_tokens = int(body.get("n") or 1), int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
@@ -82,8 +88,8 @@ class FakeUpstream:
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": body["model"]}
         if not body.get("stream"):
-            await asyncio.sleep(self.token_delay_s * len(pieces))
-            if "[[fail]]" in source:
+            await asyncio.sleep(token_delay_s * len(pieces))
+            if "[[fail]]" in directives:
                 return _error(500, "scripted failure")
             text = "".join(pieces)
             choices = [({"index": i, "message": {"role": "assistant", "content": text}} if chat
@@ -97,13 +103,13 @@ class FakeUpstream:
         try:
             obj = "chat.completion.chunk" if chat else "text_completion"
             for position, piece in enumerate(pieces):
-                await asyncio.sleep(self.token_delay_s)
-                if position == 1 and "[[fail]]" in source:
+                await asyncio.sleep(token_delay_s)
+                if position == 1 and "[[fail]]" in directives:
                     await _send(response, {"error": {"message": "scripted failure", "type": "server_error",
                                                      "code": 500}})
                     await response.write(b"data: [DONE]\n\n")
                     return response
-                if position == 1 and "[[cut]]" in source:
+                if position == 1 and "[[cut]]" in directives:
                     request.transport.close()
                     return response
                 last = position + 1 == len(pieces)
