@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 AUTO_MODEL = "auto"
 MAX_STOP_SEQUENCES = 16
@@ -59,7 +60,8 @@ def unavailable(message: str, retry_after: float = 1.0, code: str = "expert_unav
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: JSON types as they are ("stream": "yes" is an error, not true); integers still pass as floats.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ImageURL(_Model):
@@ -155,7 +157,7 @@ class JSONSchema(_Model):
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
 
 class ResponseFormat(_Model):
@@ -219,11 +221,12 @@ class _Generation(_Model):
             raise ValueError("must be a non-empty string")
         return None if model == AUTO_MODEL else model
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> "_Generation":
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        return self
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return options
 
     @property
     def include_usage(self) -> bool:
@@ -239,20 +242,30 @@ class ChatCompletionRequest(_Generation):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "ChatCompletionRequest":
-        if all(m.role in ("system", "developer") for m in self.messages):
-            raise ValueError("messages must contain at least one user or assistant message")
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
-        if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
-            names = {tool.function.name for tool in self.tools or ()}
+    @field_validator("messages")
+    @classmethod
+    def _someone_speaks(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if all(m.role in ("system", "developer") for m in messages):
+            raise ValueError("must contain at least one user or assistant message")
+        return messages
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return top_logprobs
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_names_a_tool(cls, choice: Any, info: ValidationInfo) -> Any:
+        if isinstance(choice, NamedToolChoice) or choice == "required":
+            names = {tool.function.name for tool in info.data.get("tools") or ()}
             if not names:
-                raise ValueError("tool_choice needs tools")
-            if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-                raise ValueError(f"tool_choice names the function '{self.tool_choice.function.name}', "
-                                 "which is not in tools")
-        return self
+                raise ValueError("needs tools")
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+                raise ValueError(f"names the function '{choice.function.name}', which is not in tools")
+        return choice
 
     @property
     def has_images(self) -> bool:
@@ -309,7 +322,7 @@ def _as_api_error(error: ValidationError) -> APIError:
         return invalid(param, f"Missing required parameter: '{param}'", "missing_required_parameter")
     message = item["msg"].removeprefix("Value error, ")
     return invalid(param, f"Invalid value for '{param}': {message}" if param else message,
-                   "invalid_image" if "image" in message else "invalid_value")
+                   "invalid_image" if param and param.endswith("image_url.url") else "invalid_value")
 
 
 def _most_specific(errors: list[dict[str, Any]]) -> dict[str, Any]:

@@ -8,7 +8,6 @@ answer, and stops the whole group so that its memory returns to the OS.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import hashlib
 import logging
 import os
@@ -25,9 +24,9 @@ from typing import Any
 import aiohttp
 
 from core.config import ExpertConfig
+from core.runner_guard import RUNNER_ENV, die_with_parent
 
 log = logging.getLogger(__name__)
-_PR_SET_PDEATHSIG = 1
 # Engine settings that make two runners different; an expert's prompt, sampling and routing do not.
 RUNNER_FIELDS = ("dtype", "quantization", "kv_cache_dtype", "kv_cache_memory_bytes", "max_model_len",
                  "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "max_seq_len_to_capture",
@@ -156,12 +155,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the host dies, so no runner outlives its owner."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class RunnerProcess:
     """One started vLLM server: its process group, its URL, and its exit."""
 
@@ -188,13 +181,13 @@ class RunnerProcess:
                 "--served-model-name", key, "--host", "127.0.0.1", "--port", str(port), *plan.flags]
         env = {**os.environ, **plan.env, "VLLM_CPU_OMP_THREADS_BIND": cores,
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false", RUNNER_ENV: str(log_path)}
         with open(log_path, "ab") as log_file:
             log_file.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
             log_file.flush()
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent)
+                start_new_session=True, preexec_fn=die_with_parent)
         log.info("runner %s starting: pid %d on port %d, cores %s, log %s", key, process.pid, port, cores, log_path)
         return cls(key, process, port, log_path)
 
@@ -222,7 +215,7 @@ class RunnerProcess:
             lines = self.log_path.read_text(errors="replace").splitlines()[-200:]
         except OSError:
             return "no log"
-        errors = [line for line in lines if "Error" in line or "error" in line]
+        errors = [line for line in lines if " ERROR " in line or re.search(r"\w+(Error|Exception): ", line)]
         return (errors or lines or ["no output"])[-1].strip()[:300]
 
     async def stop(self, grace_s: float = 10.0) -> None:

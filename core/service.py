@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +70,10 @@ class CompletionService:
         self.priority = config.server.priorities["streaming" if kind == "streaming" else "standard"]
         self._upstreams: dict[str, tuple[str, Upstream]] = {}
         self._reported: dict[str, str | None] = {}
+        self._background: set[asyncio.Task] = set()
 
     async def close(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
         for _, upstream in self._upstreams.values():
             await upstream.close()
 
@@ -198,8 +200,11 @@ class CompletionService:
         return Answer((choice.get("message") or {}).get("content") or "", choice.get("finish_reason"),
                       answer.get("usage") or {})
 
-    def _lease(self, expert: ExpertConfig):
-        return _Lease(self, expert)
+    @asynccontextmanager
+    async def _lease(self, expert: ExpertConfig) -> AsyncIterator[tuple[Grant, Upstream]]:
+        """The host's lease on the expert, and the client for the runner it grants."""
+        async with self.host.lease(expert.id) as grant:
+            yield grant, self.upstream_for(expert, grant)
 
     def upstream_for(self, expert: ExpertConfig, grant: Grant) -> Upstream:
         """One pooled client per runner; a restarted runner (a new URL) gets a new one."""
@@ -207,7 +212,7 @@ class CompletionService:
         if known is not None and known[0] == grant.base_url:
             return known[1]
         if known is not None:
-            asyncio.get_running_loop().create_task(known[1].close())
+            self._spawn(known[1].close())
         options = expert.engine
         remote = options.kind == "remote"
         upstream = Upstream(grant.base_url, where=(f"its upstream ({grant.base_url})" if remote
@@ -248,28 +253,18 @@ class CompletionService:
         if failure is None or failed:
             if self._reported.get(expert.id) != error:
                 self._reported[expert.id] = error
-                asyncio.get_running_loop().create_task(self.host.report(expert.id, error))
+                self._spawn(self.host.report(expert.id, error))
+
+    def _spawn(self, coroutine) -> None:
+        """Fire and forget, but keep a reference until done (the loop holds tasks only weakly)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 # Refusals the host itself gave (it already shows them in /health); only runner and upstream failures are reported.
 _HOST_CODES = {"queue_full", "expert_loading", "expert_load_failed", "capacity", "expert_unloaded",
                "restart_backoff", "shutting_down", "host_unavailable"}
-
-
-class _Lease:
-    """`async with service._lease(expert) as (grant, upstream)`: a host lease and the client for its runner."""
-
-    def __init__(self, service: CompletionService, expert: ExpertConfig):
-        self.service = service
-        self.expert = expert
-        self._lease = service.host.lease(expert.id)
-
-    async def __aenter__(self) -> tuple[Grant, Upstream]:
-        grant = await self._lease.__aenter__()
-        return grant, self.service.upstream_for(self.expert, grant)
-
-    async def __aexit__(self, *exc_info) -> bool | None:
-        return await self._lease.__aexit__(*exc_info)
 
 
 def _has_output(event: dict[str, Any]) -> bool:
@@ -285,6 +280,8 @@ def _upstream_error(expert: ExpertConfig, error: UpstreamError) -> APIError:
     failure = error.failure
     if failure is Failure.REJECTED:
         fields = {name: value for name, value in error.fields.items() if isinstance(value, str)}  # vLLM's code is an int
+        if "maximum context length" in error.message:  # the code OpenAI clients look for
+            fields["code"] = "context_length_exceeded"
         return APIError(error.status or 400, error.message, type=fields.get("type", "invalid_request_error"),
                         param=fields.get("param"), code=fields.get("code"), retry_after=error.retry_after)
     message = f"expert '{expert.id}': {error.message}"

@@ -195,29 +195,30 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def runner_processes() -> set[int]:
-    """Every vLLM OpenAI server process on the machine."""
+def runner_processes(under: Path) -> set[int]:
+    """The runner processes (vLLM servers and their children) whose log is under a directory."""
+    marker = f"CAPIBARA_RUNNER_LOG={under}".encode()
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                cmdline = (entry / "cmdline").read_bytes()
+                environ = (entry / "environ").read_bytes()
             except OSError:
                 continue
-            if b"vllm.entrypoints.openai.api_server" in cmdline and alive(int(entry.name)):
+            if marker in environ and alive(int(entry.name)):
                 found.add(int(entry.name))
     return found
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_runner_outlives_the_suite():
-    """Runners die with their host: at the end, none that the suite started may still run."""
-    before = runner_processes()
+def no_runner_outlives_the_suite(tmp_path_factory):
+    """Runners die with their host: at the end, none that this session started may still run."""
+    base = tmp_path_factory.getbasetemp()
     yield
     deadline = time.monotonic() + 30
-    while runner_processes() - before and time.monotonic() < deadline:
+    while runner_processes(base) and time.monotonic() < deadline:
         time.sleep(0.5)
-    stray = runner_processes() - before
+    stray = runner_processes(base)
     for pid in stray:
         os.kill(pid, signal.SIGKILL)
     assert not stray, f"runner processes outlived the suite: {sorted(stray)}"

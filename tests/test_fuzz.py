@@ -5,8 +5,10 @@ mutated OpenAI requests: wrong types, missing fields, huge and negative numbers,
 empty and enormous messages, bad image data, unknown roles and conflicting fields. Each request goes to the
 standard, streaming and consensus servers. Every answer must be a 4xx in OpenAI's error shape or a valid 200
 (for a stream request, a well-formed SSE stream that ends with [DONE]). It must never be a 5xx, and the servers
-must stay healthy with nothing left in flight. The scripted engine keeps this fast; the engine is not what is
-under test.
+must stay healthy with nothing left in flight, and their own error counters (`/stats` http_errors and
+`capibara_http_errors_total` in /metrics, which count every error status, error events in streams included) must
+show no 5xx. Every expert is the fake upstream (tests/fake_upstream.py), which keeps this fast; the engine is not
+what is under test.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 import requests
 from hypothesis import assume, given, settings, strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import EMBEDDED, Server, make_config
 
@@ -28,15 +31,17 @@ EXPERTS = tuple(e["id"] for e in EMBEDDED["experts"])
 MAX_BODY = 64 * 1024  # small, so that bodies over the limit (413) are cheap to make
 EXAMPLES = 150
 ERROR_FIELDS = {"message", "type", "param", "code"}
-DIRECTIVE = re.compile(rb"\[\[(?:sleep=|fail\]\]|hang\]\])")  # the scripted engine's fault switches
+DIRECTIVE = re.compile(rb"\[\[(?:sleep=|delay=|status=|fail\]\]|cut\]\]|hang\]\])")  # the fake's fault switches
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None)
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory) -> Iterator[dict[str, Server]]:
-    """One server of each kind on the scripted engine, every expert loadable, a small body limit."""
+def servers(tmp_path_factory, fake_upstream) -> Iterator[dict[str, Server]]:
+    """One server of each kind (sharing one model host) on the fake upstream, every expert loadable, a small body
+    limit."""
     tmp = tmp_path_factory.mktemp("fuzz")
-    path, _ = make_config(tmp, engine="test", max_body_bytes=MAX_BODY, max_loaded_experts=len(EXPERTS))
+    path, _ = make_config(tmp, engine="fake", upstream=fake_upstream.url, max_body_bytes=MAX_BODY,
+                          max_loaded_experts=len(EXPERTS))
     started = {kind: Server(kind, path, tmp / f"{kind}.log") for kind in KINDS}
     try:
         yield {kind: server.wait_healthy() for kind, server in started.items()}
@@ -121,6 +126,13 @@ VALID_FIELDS = {
     "repetition_penalty": st.floats(0.01, 2),
     "stream": st.booleans(),
     "user": TEXT,
+    "min_p": st.floats(0, 1),
+    "priority": st.integers(-1000, 1000),
+    "ignore_eos": st.booleans(),
+    "min_tokens": st.integers(0, 4),
+    "logit_bias": st.dictionaries(st.integers(0, 50_000).map(str), st.floats(-100, 100), max_size=3),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}]),
 }
 VALID_BODIES = {
     CHAT: st.fixed_dictionaries({"messages": VALID_MESSAGES}, optional=VALID_FIELDS),
@@ -142,6 +154,21 @@ BAD_VALUES = {
     "frequency_penalty": _field(SPECIAL_NUMBERS),
     "repetition_penalty": _field(SPECIAL_NUMBERS),
     "stream": _field(st.sampled_from(["true", 1, 0])),
+    "min_p": _field(st.floats(-1, 2) | SPECIAL_NUMBERS),
+    "priority": _field(SPECIAL_NUMBERS),
+    "ignore_eos": _field(st.sampled_from(["yes", 1, None])),
+    "min_tokens": _field(st.integers(-3, 0) | SPECIAL_NUMBERS),
+    "logit_bias": _field(st.dictionaries(TEXT, SPECIAL_NUMBERS, max_size=3)),
+    "response_format": _field(st.fixed_dictionaries({"type": _field(st.sampled_from(["json_schema", "yaml", ""]))},
+                                                    optional={"json_schema": JSON_VALUES})),
+    # Fields no front supports (refused by name), and the OpenAI fields of the other endpoint.
+    "suffix": JSON_VALUES,
+    "functions": JSON_VALUES,
+    "echo": JSON_VALUES,
+    "logprobs": JSON_VALUES,
+    "top_logprobs": _field(st.integers(-1, 21)),
+    "tool_choice": _field(st.sampled_from(["auto", "none", "required", "sometimes",
+                                           {"type": "function", "function": {"name": "f"}}])),
     "stream_options": _field(st.fixed_dictionaries({}, optional={"include_usage": _field(st.booleans())})),
     "messages": _field(st.lists(JSON_VALUES, max_size=3)),
     "prompt": PROMPTS,
@@ -162,7 +189,9 @@ def _targets(body: dict) -> list[tuple[dict, str]]:
     targets = [(body, key) for key in ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p",
                                        "top_k", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
                                        "repetition_penalty", "stream", "stream_options", "messages", "prompt",
-                                       "tools")]
+                                       "tools", "min_p", "priority", "ignore_eos", "min_tokens", "logit_bias",
+                                       "response_format", "suffix", "functions", "echo", "logprobs",
+                                       "top_logprobs", "tool_choice")]
     messages = body.get("messages")
     for message in messages if isinstance(messages, list) else ():
         if isinstance(message, dict):
@@ -293,16 +322,28 @@ def test_route_never_fails_on_bad_input(servers, body):
     send_everywhere(servers, ROUTE, body)
 
 
-def test_servers_stay_healthy_after_the_fuzzing(servers):
-    """Still alive, nothing left in flight or streaming, never a 5xx logged, and ordinary requests still work."""
+def error_statuses(server: Server) -> tuple[dict[str, float], dict[str, int]]:
+    """Error answers by status, as /metrics (capibara_http_errors_total) and /stats (http_errors) count them."""
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    metric = {sample.labels["status"]: sample.value
+              for family in text_string_to_metric_families(text) if family.name == "capibara_http_errors"
+              for sample in family.samples if sample.name == "capibara_http_errors_total"}
+    return metric, server.stats()["http_errors"]
+
+
+def test_servers_stay_healthy_after_the_fuzzing(servers, fake_upstream):
+    """Still alive, nothing left in flight or streaming, never a 5xx counted, and ordinary requests still work."""
     for kind, server in servers.items():
         assert server.process.poll() is None, f"{kind} server died:\n{server.tail()}"
         assert server.health()["status"] == "ok"
         stats = server.stats()
         assert stats["active_streams"] == 0
-        assert all(e["active_requests"] == 0 and e["queued_requests"] == 0 and e["engine_in_flight"] == 0
+        assert all(e["active_requests"] == 0 and e["queued_requests"] == 0 and e["runner"]["active_requests"] == 0
                    for e in stats["experts"].values()), stats["experts"]
-        assert not any(status.startswith("5") for status in stats["client_errors"])
+        metric, counted = error_statuses(server)
+        assert metric == {status: float(n) for status, n in counted.items()}, (metric, counted)
+        assert not [status for status in counted if status.startswith("5")], counted
         assert "unhandled error" not in server.log.read_text(errors="replace"), server.tail()
         answer = requests.post(server.url + CHAT, timeout=30, json={"messages": [{"role": "user", "content": "hi"}]})
         assert answer.status_code == 200, answer.text
+    assert fake_upstream.open_streams() == 0
