@@ -18,6 +18,7 @@ import enum
 import fcntl
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -37,6 +38,7 @@ from core.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("capibara6.host")
 HEALTHY_RUN_S = 60.0  # a runner that ran this long before crashing starts its backoff afresh
+_PATH = re.compile(r"(?:/[\w.@+-]+){2,}")
 
 
 class State(str, enum.Enum):
@@ -255,6 +257,10 @@ class ModelHost:
         log.info("loading runner %s (%s)", runner.key, runner.config.model)
         try:
             await self._make_room(runner)
+        except BaseException:
+            runner.state = State.UNLOADED  # no room now: not a failure of this runner
+            raise
+        try:
             if runner.remote:
                 await self._check_remote(runner)
             else:
@@ -262,13 +268,12 @@ class ModelHost:
         except asyncio.CancelledError:
             runner.state = State.UNLOADED
             raise
-        except (RunnerError, UpstreamError, HostError, OSError) as error:
+        except (RunnerError, UpstreamError, OSError) as error:
             log.error("runner %s failed to load: %s", runner.key, error)
             runner.state, runner.error = State.FAILED, _first_line(error)
             runner.load_failures += 1
-            code = error.code if isinstance(error, HostError) else "expert_load_failed"
-            raise HostError(code, f"runner {runner.key} failed to load ({runner.error}); the next request will "
-                                  "try again", getattr(error, "retry_after", None) or 5.0) from None
+            raise HostError("expert_load_failed", f"runner {runner.key} failed to load ({runner.error}); the next "
+                                                  "request will try again", 5.0) from None
         runner.state, runner.last_used = State.READY, time.monotonic()
         runner.loads += 1
         runner.last_load_s = time.monotonic() - started
@@ -399,6 +404,7 @@ class ModelHost:
                     "key": runner.key, "kind": runner.config.engine.kind, "warm_pool": runner.key in self.pool,
                     "pid": runner.process.pid if runner.process else None, "base_url": runner.base_url,
                     "cores": runner.cores, "active_requests": runner.active,
+                    "log": str(runner.process.log_path) if runner.process else None,
                     "effective": plan.effective if plan else None, "warnings": list(plan.warnings) if plan else [],
                 },
             }
@@ -501,7 +507,9 @@ def _error_type(code: str) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    """An error as clients may read it: its first line, with file paths taken out."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return _PATH.sub("<path>", line)
 
 
 async def serve(config: AppConfig, address: HostAddress) -> None:

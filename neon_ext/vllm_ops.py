@@ -187,12 +187,6 @@ def register() -> list[str]:
     return list(_registered)
 
 
-def register_from_env() -> list[str]:
-    """For vLLM's ``vllm.general_plugins`` entry point, which runs in every engine process (also
-    spawned ones): registers when the environment has NEON_EXT_VLLM_OPS=1."""
-    return register() if os.environ.get("NEON_EXT_VLLM_OPS") == "1" else []
-
-
 def unregister() -> None:
     """Undo register(): layers built afterwards are vLLM's own again."""
     for name in _registered:

@@ -66,7 +66,11 @@ class FakeUpstream:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(10)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def make_config(tmp_path: Path, *, engine: str = "vllm", upstream: str | None = None, name: str = "config.json",

@@ -184,7 +184,8 @@ def main() -> None:
     parser.add_argument("--api-key", default=None)
     args = parser.parse_args()
     upstream = FakeUpstream(args.models.split(","), args.token_delay, args.api_key, args.models_delay)
-    web.run_app(upstream.application(), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    web.run_app(upstream.application(), host="127.0.0.1", port=args.port, access_log=None, print=None,
+                handler_cancellation=True, shutdown_timeout=1)
 
 
 if __name__ == "__main__":

@@ -45,11 +45,14 @@ def test_register_replaces_the_four_layers(ops):
         assert layer._forward_method == layer.forward_cpu  # what the CPU platform dispatches to
 
 
-def test_register_from_env(monkeypatch):
+def test_the_plugin_registers_only_where_the_host_asks(monkeypatch):
+    from neon_ext import vllm_plugin
     monkeypatch.delenv("NEON_EXT_VLLM_OPS", raising=False)
-    assert vllm_ops.register_from_env() == []
+    vllm_plugin.register()
+    assert vllm_ops.status()["ops"] == []
     monkeypatch.setenv("NEON_EXT_VLLM_OPS", "1")
-    assert vllm_ops.register_from_env() == NAMES
+    vllm_plugin.register()
+    assert vllm_ops.status()["ops"] == NAMES
     vllm_ops.unregister()
 
 
