@@ -105,6 +105,27 @@ capibara_terminate() {  # pid -> SIGTERM, then SIGKILL after CAPIBARA_STOP_TIMEO
     fi
 }
 
+capibara_host_pids() {  # config -> pids of the model hosts serving it
+    local entry args
+    for entry in /proc/[0-9]*; do
+        args=$(tr '\0' ' ' 2>/dev/null <"$entry/cmdline") || continue
+        [[ $args == *" -m core.host --config $1 "* ]] && capibara_alive "${entry#/proc/}" && echo "${entry#/proc/}"
+    done
+    return 0
+}
+
+capibara_wait_hosts() {  # config -> waits up to CAPIBARA_STOP_TIMEOUT for its model host to stop its runners and exit
+    local deadline=$((SECONDS + ${CAPIBARA_STOP_TIMEOUT:-60})) pids
+    while pids=$(capibara_host_pids "$1") && [[ -n $pids ]]; do
+        if ((SECONDS >= deadline)); then
+            echo "model host $pids still running after ${CAPIBARA_STOP_TIMEOUT:-60} s" >&2
+            return 1
+        fi
+        sleep 0.5
+    done
+    echo "model host stopped (runners stopped)"
+}
+
 capibara_fail() {  # kind log message -> the reason and the end of the log, on stderr
     {
         echo "$1 server did not come up: $3"

@@ -13,4 +13,7 @@ failed=0
 for pid in "${pids[@]}"; do
     wait "$pid" || failed=1
 done
+# The model host stops its runners and exits server.host_linger_s after the last server; wait for it, so that
+# `make stop` returns with the engines' memory given back.
+capibara_wait_hosts "$(realpath -m "${CAPIBARA_CONFIG:-$CAPIBARA_REPO/configs/embedded.json}")" || failed=1
 exit "$failed"
