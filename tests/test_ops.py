@@ -1,5 +1,6 @@
-"""Operating the suite as an operator does: the start scripts run for real on free ports (scripted
-engine, so a start takes seconds), and the ARM-Axion optimisation script rewrites real configs."""
+"""Operating the suite as an operator does: the start scripts run for real on free ports (experts on
+the fake upstream, so a start takes seconds), and the ARM-Axion optimisation script rewrites real
+configs."""
 from __future__ import annotations
 
 import json
@@ -40,6 +41,21 @@ def server_pids(port: int) -> list[int]:
     return found
 
 
+def host_pids(config: str) -> list[int]:
+    """Live model host processes of a config."""
+    wanted = str(Path(config).resolve()).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if b"core.host" in args and wanted in args and state not in "ZX":
+            found.append(int(entry.name))
+    return found
+
+
 class Ops:
     """The scripts with an environment of our own: config, run dir, and no CAPIBARA_* from outside."""
 
@@ -57,8 +73,14 @@ class Ops:
 
 
 @pytest.fixture
-def ops(tmp_path, scripted_config):
-    ops = Ops(tmp_path / "run", scripted_config)
+def ops_config(tmp_path, fake_upstream) -> Path:
+    """A config of the test's own (experts on the fake upstream), so that its model host is the test's too."""
+    return make_config(tmp_path, engine="fake", upstream=fake_upstream.url, name="ops.json")[0]
+
+
+@pytest.fixture
+def ops(tmp_path, ops_config):
+    ops = Ops(tmp_path / "run", ops_config)
     yield ops
     ops.run("stop_all.sh")  # whatever a failed test left running
 
@@ -92,8 +114,8 @@ def test_start_script_starts_answers_and_stops_its_server(ops, kind):
     assert ops.run(script, "stop").returncode == 0, "stopping a stopped server is not an error"
 
 
-def test_a_bad_config_fails_the_start_with_the_error_shown(ops, tmp_path, scripted_config):
-    config = json.loads(scripted_config.read_text())
+def test_a_bad_config_fails_the_start_with_the_error_shown(ops, tmp_path, ops_config):
+    config = json.loads(ops_config.read_text())
     config["experts"][1]["engine"]["kv_cache_dtype"] = "fp4"
     bad = write_config(tmp_path / "bad.json", config)
     port = free_port()
@@ -151,12 +173,14 @@ def test_start_all_prints_what_to_curl_and_stop_all_ends_all_three(ops):
         metrics = requests.get(f"{url}/metrics", timeout=5).text
         assert "capibara_requests" in {family.name for family in text_string_to_metric_families(metrics)}
         pids[kind] = int(ops.pid_file(kind).read_text())
+    assert len(host_pids(ops.env["CAPIBARA_CONFIG"])) == 1, "the three servers share one model host"
 
     stopped = ops.run("stop_all.sh")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     for kind, port in ports.items():
         assert f"{kind} server stopped (pid {pids[kind]})" in stopped.stdout
         assert server_pids(port) == [] and not ops.pid_file(kind).exists()
+    assert "model host stopped" in stopped.stdout and host_pids(ops.env["CAPIBARA_CONFIG"]) == []
 
 
 # ---------------------------------------------------------------- arm-axion-improvements
@@ -230,7 +254,15 @@ def test_axion_never_writes_a_config_that_fails_validation(tmp_path, capsys):
 
 def test_axion_leaves_non_vllm_experts_alone(tmp_path, capsys):
     from bench.arm_axion_improvements import main
-    config, data = make_config(tmp_path, engine="test")
+    path, data = make_config(tmp_path)
+    remote = {"kind": "remote", "base_url": "http://10.0.0.5:8000", "remote_model": "aya_expanse_multilingual"}
+    data["experts"][4]["engine"] = remote
+    config = write_config(path, data)
     assert main([str(config)]) == 0
-    assert json.loads(config.read_text())["experts"] == data["experts"]
-    assert "engine kind 'test' has no vLLM settings" in capsys.readouterr().err
+    rewritten = json.loads(config.read_text())["experts"]
+    assert rewritten[4] == data["experts"][4], "the remote expert is left as it was"
+    assert all(e["engine"]["kv_cache_dtype"] == "fp8" for e in rewritten[:4]), "the vLLM experts get the profile"
+    assert load_config(config).experts[4].engine.kind == "remote"  # and the rewritten config is valid
+    err = capsys.readouterr().err
+    assert "aya_expanse_multilingual: engine kind 'remote' has no vLLM settings" in err
+    assert "[aya_expanse_multilingual]" not in err, "no platform warning for an expert without a runner"
