@@ -62,6 +62,9 @@ class EngineOptions(_Strict):
     tool_call_parser: str | None = Field(None, pattern=r"^[a-z0-9_]+$")
     # OpenMP cores of this expert's runner (VLLM_CPU_OMP_THREADS_BIND, e.g. "0-3"); None splits the cores.
     cpu_cores: str | None = Field(None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+    # vLLM's model worker in a process of its own (vLLM's default on CPU). Off, it runs in the engine-core
+    # process: one interpreter fewer to start (about 25 s less here) and no worse decoding, measured on this box.
+    worker_process: bool = False
     # kind == "remote": an OpenAI-compatible server elsewhere.
     base_url: str | None = None
     remote_model: str | None = None

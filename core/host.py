@@ -116,6 +116,11 @@ class Grant:
     def render(self) -> dict[str, Any]:
         return {"runner": self.runner, "base_url": self.base_url, "model": self.model, "pid": self.pid}
 
+    @classmethod
+    def parse(cls, line: bytes) -> "Grant":
+        fields = orjson.loads(line)
+        return cls(fields["runner"], fields["base_url"], fields["model"], fields["pid"])
+
 
 class ModelHost:
     def __init__(self, config: AppConfig, log_dir: Path):

@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import aiohttp
 import orjson
 
 from core.config import REPO_ROOT
+from core.host import Grant
 from core.host_address import HostAddress
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,6 @@ class HostRefused(Exception):
         self.status = status
         self.fields = fields
         self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class Grant:
-    runner: str
-    base_url: str
-    model: str
-    pid: int | None
 
 
 class HostClient:
@@ -128,8 +120,7 @@ class HostClient:
             line = await response.content.readline()
             if not line:
                 raise HostUnavailable("the model host closed the lease before granting it")
-            grant = orjson.loads(line)
-            yield Grant(grant["runner"], grant["base_url"], grant["model"], grant["pid"])
+            yield Grant.parse(line)
         finally:
             response.close()  # closing the connection ends the lease
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 RUNNER_FIELDS = ("dtype", "quantization", "kv_cache_dtype", "kv_cache_memory_bytes", "max_model_len",
                  "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "max_seq_len_to_capture",
                  "enable_chunked_prefill", "enable_prefix_caching", "neon_kernels", "seed", "tool_call_parser",
-                 "cpu_cores")
+                 "cpu_cores", "worker_process")
 REMOTE_FIELDS = ("base_url", "remote_model", "api_key_env", "connect_timeout_s", "read_timeout_s")
 
 
@@ -102,7 +102,7 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool]) -> RunnerPlan:
     eager = options.enforce_eager or on_cpu
     flags = ["--dtype", dtype, "--kv-cache-dtype", kv_cache_dtype, "--max-model-len", str(options.max_model_len),
              "--max-num-seqs", str(options.max_num_seqs), "--seed", str(options.seed),
-             "--scheduling-policy", "priority", "--disable-log-stats", "--disable-uvicorn-access-log",
+             "--scheduling-policy", "priority", "--disable-uvicorn-access-log",
              "--enable-chunked-prefill" if options.enable_chunked_prefill else "--no-enable-chunked-prefill",
              "--enable-prefix-caching" if options.enable_prefix_caching else "--no-enable-prefix-caching"]
     if eager:
@@ -118,6 +118,11 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool]) -> RunnerPlan:
     if options.tool_call_parser:
         flags += ["--enable-auto-tool-choice", "--tool-call-parser", options.tool_call_parser]
     env = {"NEON_EXT_VLLM_OPS": "1"} if options.neon_kernels else {}
+    if not options.worker_process:
+        # vLLM's CPU platform moves a single-process worker back to the multiprocessing executor unless V1
+        # multiprocessing is off; the API server still runs its engine core in a process of its own.
+        flags += ["--distributed-executor-backend", "uni"]
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if options.neon_kernels and dtype != "float32":
         warnings.append(f"neon_kernels are float32 kernels; with dtype={dtype} the layers keep vLLM's own ops")
     effective = {"dtype": dtype, "quantization": options.quantization, "kv_cache_dtype": kv_cache_dtype,
@@ -126,7 +131,8 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool]) -> RunnerPlan:
                  "enforce_eager": eager, "enable_chunked_prefill": options.enable_chunked_prefill,
                  "enable_prefix_caching": options.enable_prefix_caching, "num_scheduler_steps": 1,
                  "max_seq_len_to_capture": capture, "seed": options.seed, "neon_kernels": options.neon_kernels,
-                 "tool_call_parser": options.tool_call_parser, "scheduling_policy": "priority"}
+                 "tool_call_parser": options.tool_call_parser, "scheduling_policy": "priority",
+                 "worker_process": options.worker_process}
     return RunnerPlan(tuple(flags), effective, tuple(warnings), env)
 
 
@@ -141,18 +147,34 @@ def split_cores(total: int, front_cores: int, slots: int) -> list[str]:
     slots = max(1, slots)
     if len(usable) < slots:
         return [_core_range(usable)] * slots
-    size = len(usable) // slots
-    return [_core_range(usable[i * size:(i + 1) * size]) for i in range(slots)]
+    bounds = [len(usable) * i // slots for i in range(slots + 1)]  # shares that differ by one core at most
+    return [_core_range(usable[bounds[i]:bounds[i + 1]]) for i in range(slots)]
 
 
 def _core_range(cores: list[int]) -> str:
     return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
 
 
+def parse_cores(cores: str) -> set[int]:
+    """"0-3,6" -> {0, 1, 2, 3, 6}"""
+    found: set[int] = set()
+    for part in cores.split(","):
+        low, _, high = part.partition("-")
+        found.update(range(int(low), int(high or low) + 1))
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _confine(cpus: set[int]) -> None:
+    """In the runner's first process before exec: its cores (inherited by every process and thread vLLM starts,
+    whatever executor binds or not), and death with the host."""
+    os.sched_setaffinity(0, cpus)
+    die_with_parent()
 
 
 class RunnerProcess:
@@ -179,7 +201,8 @@ class RunnerProcess:
         log_path = log_dir / f"{key}.log"
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", expert.model,
                 "--served-model-name", key, "--host", "127.0.0.1", "--port", str(port), *plan.flags]
-        env = {**os.environ, **plan.env, "VLLM_CPU_OMP_THREADS_BIND": cores,
+        cpus = parse_cores(cores)
+        env = {**os.environ, **plan.env, "VLLM_CPU_OMP_THREADS_BIND": cores, "OMP_NUM_THREADS": str(len(cpus)),
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", RUNNER_ENV: str(log_path)}
         with open(log_path, "ab") as log_file:
@@ -187,7 +210,7 @@ class RunnerProcess:
             log_file.flush()
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
-                start_new_session=True, preexec_fn=die_with_parent)
+                start_new_session=True, preexec_fn=lambda: _confine(cpus))
         log.info("runner %s starting: pid %d on port %d, cores %s, log %s", key, process.pid, port, cores, log_path)
         return cls(key, process, port, log_path)
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.config import AppConfig, ExpertConfig
-from core.host_client import Grant, HostClient, HostRefused, HostUnavailable
+from core.host import Grant
+from core.host_client import HostClient, HostRefused, HostUnavailable
 from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, invalid, unavailable)
 from core.router import RouteDecision, Router
 from core.stats import Stats

@@ -416,7 +416,12 @@ def test_real_generation_past_its_timeout_is_aborted_with_a_retryable_504(vllm_f
     drop the request (the front closes its connection, which vLLM takes as an abort)."""
     server, _ = vllm_faults
     started = time.monotonic()
-    response = chat(server, "qwen_coder", STORY, n=4, max_tokens=1024, temperature=1.0, seed=5)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(chat, server, "qwen_coder", STORY, n=4, max_tokens=1024, temperature=1.0, seed=5)
+        while not runner_requests(server, "qwen_coder"):  # the runner's own gauge sees the request first
+            assert not pending.done(), pending.result().text
+            time.sleep(0.1)
+        response = pending.result()
     elapsed = time.monotonic() - started
     error = assert_retryable(response, 504, "timeout")
     assert "qwen_coder" in error["message"] and REAL_TIMEOUT_S <= elapsed < REAL_TIMEOUT_S + 5, elapsed
