@@ -55,6 +55,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-in-process", action="store_true", help="measure the runners only")
     args = parser.parse_args()
     consensus = {"experts_per_request": 2, "aggregator": EXPERTS[0], "candidate_max_tokens": args.max_tokens}
     rows = {}
@@ -63,10 +64,13 @@ async def main() -> None:
         ours = bench_config(directory, warmup=EXPERTS, experts=EXPERTS, seeds={EXPERTS[1]: 1}, max_loaded_experts=2)
         _set_consensus(ours, consensus)
         rows["runners (one per expert)"] = await ratio(ours, None, args.max_tokens, args.repeats)
-        with in_process_design(directory) as worktree:
-            today = in_process_config(directory, worktree, warmup=EXPERTS, experts=EXPERTS, max_loaded_experts=2)
-            _set_consensus(today, consensus)
-            rows["in-process (one step at a time)"] = await ratio(today, worktree, args.max_tokens, args.repeats)
+        if not args.skip_in_process:
+            with in_process_design(directory) as worktree:
+                today = in_process_config(directory, worktree, warmup=EXPERTS, experts=EXPERTS,
+                                          max_loaded_experts=2)
+                _set_consensus(today, consensus)
+                rows["in-process (one step at a time)"] = await ratio(today, worktree, args.max_tokens,
+                                                                      args.repeats)
     columns = list(next(iter(rows.values())))
     print(f"{'design':<34}" + "".join(f"{c:>20}" for c in columns))
     for label, row in rows.items():

@@ -48,12 +48,15 @@ async def main() -> None:
                 stop = asyncio.Event()
 
                 async def background(i: int) -> None:
+                    """Streams of varied lengths, started apart, so that slots free up all the time."""
+                    await asyncio.sleep(0.4 * i)
+                    length = 60 + (i * 37) % 200
                     while not stop.is_set():
                         await stream_chat(session, standard.url, {"model": EXPERT, "messages": messages(i),
-                                                                  "max_tokens": 200, "ignore_eos": True})
+                                                                  "max_tokens": length, "ignore_eos": True})
 
                 workers = [asyncio.create_task(background(i)) for i in range(args.background)]
-                await asyncio.sleep(5)
+                await asyncio.sleep(0.4 * args.background + 5)
                 loaded = await probe_ttft(session, urls, args.probes)
                 stop.set()
                 await asyncio.gather(*workers)

@@ -46,7 +46,7 @@ async def main() -> None:
                 totals: dict[str, list[Run]] = {name: [] for name in targets}
                 for _ in range(args.rounds):
                     for name, (url, body) in targets.items():
-                        requests = args.requests if concurrency > 1 else max(2, args.requests // 4)
+                        requests = args.requests if concurrency > 1 else max(2, args.requests // 2)
                         totals[name].append(await load(url, body, requests, concurrency))
                 rate = {n: sum(r.tokens for r in runs) / sum(r.wall_s for r in runs) for n, runs in totals.items()}
                 ttft = {n: Run(1, 0, [t for r in runs for t in r.ttft_s]).ttft_p50_ms for n, runs in totals.items()}

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from core.admission import Admission
 from core.config import AppConfig, ConfigError, ExpertConfig, load_config
 from core.host_address import HostAddress
 from core.runner import RunnerError, RunnerPlan, RunnerProcess, cpu_flags, plan_runner, runner_key, split_cores
@@ -99,9 +100,12 @@ class Runner:
 class Expert:
     config: ExpertConfig
     runner: Runner
-    semaphore: asyncio.Semaphore
-    waiting: int = 0
+    admission: Admission
     active: int = 0
+
+    @property
+    def waiting(self) -> int:
+        return self.admission.waiting
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ class ModelHost:
         for expert in config.experts:
             key = runner_key(expert)
             runner = self.runners.setdefault(key, Runner(key, expert))
-            self.experts[expert.id] = Expert(expert, runner, asyncio.Semaphore(expert.max_concurrency))
+            self.experts[expert.id] = Expert(expert, runner, Admission(expert.max_concurrency))
         self.pool = {self.experts[e].runner.key for e in config.server.warmup}
         local = [r for r in self.runners.values() if not r.remote]
         self._core_slots = split_cores(os.cpu_count() or 1, config.server.front_cores,
@@ -205,19 +209,16 @@ class ModelHost:
     # ------------------------------------------------------------ leases
 
     @asynccontextmanager
-    async def lease(self, expert_id: str) -> AsyncIterator[Grant]:
-        """Hold one concurrency slot of an expert, with its runner up, for the duration of a request."""
+    async def lease(self, expert_id: str, priority: int = 0) -> AsyncIterator[Grant]:
+        """Hold one concurrency slot of an expert, with its runner up, for the duration of a request. Waiting
+        requests are admitted lowest priority value first, as vLLM schedules them."""
         expert = self.experts[expert_id]
         if self._closing:
             raise HostError("shutting_down", "the model host is shutting down", 1.0)
-        if expert.semaphore.locked() and expert.waiting >= expert.config.max_queue:
+        if expert.admission.full and expert.waiting >= expert.config.max_queue:
             raise HostError("queue_full", f"expert '{expert_id}' is at capacity and its queue is full; retry "
                                           "shortly", 1.0)
-        expert.waiting += 1
-        try:
-            await expert.semaphore.acquire()
-        finally:
-            expert.waiting -= 1
+        await expert.admission.acquire(priority)
         runner = expert.runner
         try:
             await self._ensure_loaded(runner, expert.config.load_timeout_s)
@@ -232,7 +233,7 @@ class ModelHost:
                 expert.active -= 1
                 runner.last_used = time.monotonic()
         finally:
-            expert.semaphore.release()
+            expert.admission.release()
 
     def report(self, expert_id: str, error: str | None) -> None:
         """A front's request on a ready expert ended: an upstream failure shows in /health until a success."""
@@ -305,9 +306,9 @@ class ModelHost:
         plan = plan_runner(runner.config, self._cpu)
         for warning in plan.warnings:
             log.warning("%s: %s", runner.key, warning)
-        cores = runner.config.engine.cpu_cores or self._free_cores()
-        process = await RunnerProcess.start(runner.config, runner.key, plan, cores, self.log_dir)
-        runner.process, runner.plan, runner.cores = process, plan, cores
+        runner.cores = runner.config.engine.cpu_cores or self._free_cores()  # taken before any await
+        process = await RunnerProcess.start(runner.config, runner.key, plan, runner.cores, self.log_dir)
+        runner.process, runner.plan = process, plan
         try:
             await process.wait_ready(runner.config.load_timeout_s)
         except BaseException:
@@ -318,7 +319,8 @@ class ModelHost:
         self._spawn(self._watch(runner, process))
 
     def _free_cores(self) -> str:
-        taken = [r.cores for r in self.runners.values() if r.occupies and r.process is not None]
+        """The first core set no other local runner holds (all runners share when there are more than sets)."""
+        taken = [r.cores for r in self.runners.values() if r.occupies and r.cores is not None]
         for cores in self._core_slots:
             if cores in taken:
                 taken.remove(cores)
@@ -370,7 +372,7 @@ class ModelHost:
         runner.unloads += 1
 
     async def _stop(self, runner: Runner) -> None:
-        process, runner.process, runner.base_url = runner.process, None, None
+        process, runner.process, runner.base_url, runner.cores = runner.process, None, None, None
         if process is not None:
             await process.stop()
             log.info("stopped runner %s (pid %d)", runner.key, process.pid)
@@ -450,7 +452,11 @@ class HostApi:
 
     async def lease(self, request: web.Request) -> web.StreamResponse:
         """The grant as the first line, then the connection stays open: the lease ends when the front closes it."""
-        async with self.host.lease(self._expert(request)) as grant:
+        try:
+            priority = int(request.query.get("priority", 0))
+        except ValueError:
+            priority = 0
+        async with self.host.lease(self._expert(request), priority) as grant:
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)
             await response.write(orjson.dumps(grant.render()) + b"\n")

@@ -111,9 +111,10 @@ class HostClient:
     # ------------------------------------------------------------ leases and states
 
     @asynccontextmanager
-    async def lease(self, expert_id: str) -> AsyncIterator[Grant]:
-        """An expert's runner, held until the block ends; HostRefused or HostUnavailable if it cannot be had."""
-        response = await self._post_lease(expert_id)
+    async def lease(self, expert_id: str, priority: int = 0) -> AsyncIterator[Grant]:
+        """An expert's runner, held until the block ends; HostRefused or HostUnavailable if it cannot be had.
+        Waiting leases are granted by priority (lower first), the order vLLM schedules in."""
+        response = await self._post_lease(expert_id, priority)
         try:
             if response.status != 200:
                 raise await _refusal(response)
@@ -124,10 +125,10 @@ class HostClient:
         finally:
             response.close()  # closing the connection ends the lease
 
-    async def _post_lease(self, expert_id: str) -> aiohttp.ClientResponse:
+    async def _post_lease(self, expert_id: str, priority: int) -> aiohttp.ClientResponse:
         for attempt in (1, 2):
             try:
-                return await self._session.post(f"http://host/lease/{expert_id}")
+                return await self._session.post(f"http://host/lease/{expert_id}", params={"priority": priority})
             except (aiohttp.ClientConnectionError, TimeoutError) as error:
                 if attempt == 2:
                     raise HostUnavailable(f"the model host is unreachable ({error})") from None

@@ -140,7 +140,7 @@ class CompletionService:
         usage: dict[str, Any] = {}
         failure: APIError | None = None
         try:
-            async with asyncio.timeout(expert.request_timeout_s), self._lease(expert) as (grant, upstream):
+            async with asyncio.timeout(expert.request_timeout_s), self._lease(expert, body) as (grant, upstream):
                 answer = await upstream.complete(path, {**body, "model": grant.model})
             answer["model"] = expert.id
             usage = answer.get("usage") or {}
@@ -165,7 +165,7 @@ class CompletionService:
         counters = self.stats.expert(expert.id)
         counters.active_streams += 1
         try:
-            async with self._lease(expert) as (grant, upstream):
+            async with self._lease(expert, body) as (grant, upstream):
                 async with aclosing(upstream.stream(path, {**body, "model": grant.model})) as events:
                     while True:
                         async with asyncio.timeout_at(deadline):
@@ -202,9 +202,9 @@ class CompletionService:
                       answer.get("usage") or {})
 
     @asynccontextmanager
-    async def _lease(self, expert: ExpertConfig) -> AsyncIterator[tuple[Grant, Upstream]]:
-        """The host's lease on the expert, and the client for the runner it grants."""
-        async with self.host.lease(expert.id) as grant:
+    async def _lease(self, expert: ExpertConfig, body: dict[str, Any]) -> AsyncIterator[tuple[Grant, Upstream]]:
+        """The host's lease on the expert, at the request's priority, and the client for the runner it grants."""
+        async with self.host.lease(expert.id, body.get("priority", 0)) as grant:
             yield grant, self.upstream_for(expert, grant)
 
     def upstream_for(self, expert: ExpertConfig, grant: Grant) -> Upstream:

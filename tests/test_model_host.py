@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from core.config import load_config
+from core.admission import Admission
 from core.host import HostError, ModelHost, State
 from tests.conftest import (FakeUpstream, Server, alive, fake_engine, make_config, process_tree, pss_bytes,
                             write_config)
@@ -388,3 +389,27 @@ async def test_a_failed_idle_unload_does_not_end_idle_unloading(tmp_path):
         await asyncio.sleep(0.05)
     assert host.fail_next_stop is False  # the first unload did fail, and the reaper went on
     await host.close()
+
+
+async def test_waiting_requests_are_admitted_by_priority_then_arrival():
+    admission = Admission(1)
+    await admission.acquire(0)
+    order: list[str] = []
+
+    async def wait(name: str, priority: int) -> None:
+        await admission.acquire(priority)
+        order.append(name)
+        admission.release()
+
+    waiters = []
+    for name, priority in (("standard-1", 0), ("candidate", 10), ("standard-2", 0), ("gone", -20),
+                           ("streaming", -10)):
+        waiters.append(asyncio.create_task(wait(name, priority)))
+        await asyncio.sleep(0)
+    waiters[3].cancel()  # a client that left while queued gives its turn up
+    await asyncio.sleep(0)
+    assert admission.waiting == 4
+    admission.release()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert order == ["streaming", "standard-1", "standard-2", "candidate"]
+    assert (admission.active, admission.waiting) == (0, 0)
