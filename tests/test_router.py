@@ -1,35 +1,29 @@
-"""The semantic router: labelled prompts, each structural rule on its own, and the numpy TF-IDF path.
+"""The router: its corpus and accuracy on prompts it never trained on, each structural rule on its own, the
+classifier's probabilities and training, and the shape of a decision.
 
-The labelled prompts (tests/router_cases.json) name a domain, not an expert id, so they hold for any
-config whose experts cover the five domains.
+Prompts are labelled by domain, not by expert id, so they hold for any config whose experts cover the five domains.
+The latency bound (p99 < 1 ms) is measured by bench/bench_router.py, not asserted here.
 """
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse
 
-from core.config import EMBEDDED_CONFIG, PRODUCTION_CONFIG, AppConfig, load_config
-from core.protocol import ChatMessage, ImagePart
-from core.router import (
-    _MAX_CHAR_NGRAM_CHARS,
-    Router,
-    _code_evidence,
-    _fit_vectorizers,
-    _profile_documents,
-    _sentences,
-    detect_language,
-    is_translation_request,
-)
+from core.config import EMBEDDED_CONFIG, PRODUCTION_CONFIG, AppConfig, RoutingProfile, load_config
+from core.protocol import ChatMessage, ImagePart, ImageURL, TextPart
+from core.router import Router, dataset, language, policy
+from core.router.code import code_evidence
 
 CASES = json.loads((Path(__file__).parent / "router_cases.json").read_text())
-IMAGE = ImagePart(url="https://example.com/photo.png")
+TRAIN, HELDOUT = dataset.load(dataset.TRAIN), dataset.load(dataset.HELDOUT)
+DOMAINS = {"general", "technical", "coding", "multimodal", "multilingual"}
+IMAGE = ImagePart(type="image_url", image_url=ImageURL(url="https://example.com/photo.png"))
 
 
 @pytest.fixture(scope="module")
@@ -48,33 +42,60 @@ def by_domain(config: AppConfig) -> dict[str, str]:
 
 
 def user(text: str, *images: ImagePart) -> ChatMessage:
-    return ChatMessage(role="user", text=text, images=images)
+    return ChatMessage(role="user", content=[TextPart(type="text", text=text), *images] if images else text)
+
+
+def turn(role: str, text: str) -> ChatMessage:
+    return ChatMessage(role=role, content=text)
 
 
 def case_messages(case: dict) -> list[ChatMessage]:
     """A labelled case as a conversation: optional system prompt and history, then the prompt."""
-    messages = [ChatMessage(role="system", text=case["system"])] if case.get("system") else []
+    messages = [turn("system", case["system"])] if case.get("system") else []
     history = case.get("history", [])
     if case.get("image_in_history") and not history:
         history = [["user", "Here is a photo of my bike."], ["assistant", "It is a red road bike."]]
     for i, (role, text) in enumerate(history):
-        images = (IMAGE,) if case.get("image_in_history") and i == 0 else ()
-        messages.append(ChatMessage(role=role, text=text, images=images))
+        messages.append(user(text, IMAGE) if case.get("image_in_history") and i == 0 else turn(role, text))
     messages.append(user(case["prompt"], *((IMAGE,) if case.get("image") else ())))
     return messages
 
 
-# --- the labelled prompts ----------------------------------------------------------------------
+# --- the corpus and accuracy --------------------------------------------------------------------
 
 
-def test_the_labelled_set_is_broad_enough() -> None:
+def test_the_corpus_is_broad_and_its_held_out_part_separate() -> None:
+    assert len(TRAIN) + len(HELDOUT) >= 2000 and len(HELDOUT) >= 500
+    for examples, least in ((TRAIN, 500), (HELDOUT, 90)):
+        counts = Counter(e.domain for e in examples)
+        assert set(counts) == DOMAINS and min(counts.values()) >= least, counts
+        assert len({e.lang for e in examples}) >= 25
+        assert sum(len(e.text) > 300 for e in examples) >= 10
+        assert sum("```" in e.text or "Traceback" in e.text for e in examples) >= 5
+
+    def normal(text: str) -> str:
+        return " ".join(text.lower().split())
+
+    assert not {normal(e.text) for e in TRAIN} & {normal(e.text) for e in HELDOUT}
+    assert len({normal(e.text) for e in TRAIN}) == len(TRAIN)
+
+
+def test_at_least_95_percent_top_1_on_the_held_out_prompts(router: Router, by_domain: dict[str, str]) -> None:
+    misses = [(e.domain, d.expert, d.reason, e.text[:60])
+              for e in HELDOUT if (d := router.route_prompt(e.text)).expert != by_domain[e.domain]]
+    accuracy = 1 - len(misses) / len(HELDOUT)
+    assert accuracy >= 0.95, f"held-out top-1 {accuracy:.3f}; misses: {misses}"
+
+
+def test_the_labelled_conversations_are_broad_enough() -> None:
     assert len(CASES) >= 100
-    assert set(Counter(c["domain"] for c in CASES)) == {"general", "technical", "coding", "multimodal", "multilingual"}
+    assert set(Counter(c["domain"] for c in CASES)) == DOMAINS
     assert len({c["lang"] for c in CASES}) >= 10
     assert sum(bool(c.get("image") or c.get("image_in_history")) for c in CASES) >= 10
 
 
-def test_accuracy_on_the_labelled_prompts(router: Router, by_domain: dict[str, str]) -> None:
+def test_accuracy_on_the_labelled_conversations(router: Router, by_domain: dict[str, str]) -> None:
+    """tests/router_cases.json: images, history and system prompts, which the corpus's single turns lack."""
     misses = []
     per_domain: Counter[str] = Counter()
     for case in CASES:
@@ -83,9 +104,9 @@ def test_accuracy_on_the_labelled_prompts(router: Router, by_domain: dict[str, s
             misses.append((case["domain"], decision.expert, decision.reason, case["prompt"][:60]))
             per_domain[case["domain"]] += 1
     accuracy = 1 - len(misses) / len(CASES)
-    assert accuracy >= 0.93, f"accuracy {accuracy:.3f}; misses: {misses}"
+    assert accuracy >= 0.95, f"accuracy {accuracy:.3f}; misses: {misses}"
     for domain, total in Counter(c["domain"] for c in CASES).items():
-        assert per_domain[domain] / total <= 0.12, f"{domain}: {per_domain[domain]} of {total} missed: {misses}"
+        assert per_domain[domain] / total <= 0.1, f"{domain}: {per_domain[domain]} of {total} missed: {misses}"
 
 
 # --- structural rules, one at a time -----------------------------------------------------------
@@ -98,7 +119,7 @@ def test_any_image_goes_to_the_vision_expert(router: Router, by_domain: dict[str
 
 
 def test_an_image_earlier_in_the_conversation_still_needs_vision(router: Router, by_domain: dict[str, str]) -> None:
-    messages = [user("Look at this.", IMAGE), ChatMessage("assistant", "A cat on a sofa."), user("What colour is it?")]
+    messages = [user("Look at this.", IMAGE), turn("assistant", "A cat on a sofa."), user("What colour is it?")]
     assert router.route(messages).expert == by_domain["multimodal"]
 
 
@@ -144,7 +165,7 @@ def test_code_blocks_stack_traces_and_code_go_to_the_coder(
     "Ποια είναι η πρωτεύουσα της Ελλάδας;",
 ])
 def test_prose_with_symbols_is_not_code(text: str) -> None:
-    assert _code_evidence(text).structural is None
+    assert code_evidence(text).structural is None
 
 
 @pytest.mark.parametrize("text, language", [
@@ -172,7 +193,6 @@ def test_prose_with_symbols_is_not_code(text: str) -> None:
 ])
 def test_non_english_text_goes_to_the_multilingual_expert(
         router: Router, by_domain: dict[str, str], text: str, language: str) -> None:
-    assert detect_language(text) == language
     decision = router.route([user(text)])
     assert (decision.expert, decision.reason) == (by_domain["multilingual"], f"non-English text ({language})")
 
@@ -180,22 +200,38 @@ def test_non_english_text_goes_to_the_multilingual_expert(
 @pytest.mark.parametrize("text", [
     "Who was Simón Bolívar?", "Give me a recipe for crème brûlée.", "What does the EU GDPR require?",
     "How do I use the OS module in Python?", "Can Dan and Ben share a van?", "Why do stars die?",
-    "What is the population of Zürich?", "ok", "Thanks!", "kubectl get pods shows CrashLoopBackOff",
+    "What is the population of Zürich?", "ok", "Thanks!", "zfs vs btrfs", "kubectl get pods shows CrashLoopBackOff",
 ])
-def test_english_with_foreign_names_or_acronyms_stays_english(text: str) -> None:
-    assert detect_language(text) == "en"
+def test_english_with_foreign_names_or_acronyms_stays_english(router: Router, text: str) -> None:
+    assert not router.route([user(text)]).reason.startswith("non-English")
+
+
+def test_the_language_detector_reads_letters_only() -> None:
+    assert language.guess("Wie funktioniert ein Elektroauto?").language == "de"
+    assert language.guess("Wie funktioniert ein Elektroauto?").english < policy.ENGLISH_FLOOR
+    assert language.guess("12 + 30 = ?") == language.ENGLISH
+    assert language.guess("hola\ud800 que tal, ¿cómo estás?").language == "es"  # a lone surrogate is no error
 
 
 @pytest.mark.parametrize("text", [
     "¿Por qué falla?\n```python\nimport pandas as pd\ndf = pd.read_csv('ventas.csv')\n"
     "df.groupby('mes').sum().plot()\n```",
     "这段代码有什么问题？\n```java\nint[] a = new int[3];\nSystem.out.println(a[3]);\n```",
+    "这段代码为什么不能运行？请帮我看看。\nfor i in range(10)\n    print(i)",
+    "Warum funktioniert das nicht?\nSELECT name, COUNT(*) FROM kunden GROUP BY stadt;",
 ])
 def test_non_english_request_that_is_mostly_code_goes_to_the_coder(
         router: Router, by_domain: dict[str, str], text: str) -> None:
-    decision = router.route([user(text)])
-    assert decision.expert == by_domain["coding"]
-    assert decision.reason.startswith("mostly code, non-English text")
+    assert router.route([user(text)]).expert == by_domain["coding"]
+
+
+@pytest.mark.parametrize("text, language", [
+    ("这段代码为什么不能运行？请帮我看看。\nfor i in range(10)\n    print(i)", "zh"),
+    ("Warum funktioniert das nicht?\nSELECT name, COUNT(*) FROM kunden GROUP BY stadt;", "de"),
+])
+def test_a_foreign_turn_that_is_mostly_code_is_code(router: Router, text: str, language: str) -> None:
+    """The language rule comes first, but a turn that is mostly code still goes to the coder."""
+    assert router.route([user(text)]).reason == f"mostly code, non-English text ({language})"
 
 
 def test_non_english_request_with_a_little_code_stays_multilingual(router: Router, by_domain: dict[str, str]) -> None:
@@ -207,33 +243,34 @@ def test_non_english_request_with_a_little_code_stays_multilingual(router: Route
 @pytest.mark.parametrize("text", [
     "Translate 'where is the train station' into German.",
     "How do you say 'thank you very much' in Japanese?",
-    "What does 'carpe diem' mean in English?",
     "Write a short poem in Spanish.",
     "What is the Italian word for butterfly?",
     "Conjugate the verb 'avoir' in the present tense.",
     "Can you help me practice French conversation?",
 ])
-def test_translation_requests_go_to_the_multilingual_expert(
+def test_language_requests_written_in_english_go_to_the_multilingual_expert(
         router: Router, by_domain: dict[str, str], text: str) -> None:
-    assert is_translation_request(text)
-    decision = router.route([user(text)])
-    assert (decision.expert, decision.reason) == (by_domain["multilingual"], "translation request")
+    assert router.route([user(text)]).expert == by_domain["multilingual"]
 
 
-@pytest.mark.parametrize("text", [
-    "Translate this Python function into Rust.",
-    "How does NAT translate private addresses to a public IP?",
-    "Explain the translation lookaside buffer.",
-    "Explain the causes of the French Revolution.",
+@pytest.mark.parametrize("text, domain", [
+    ("Translate this Python function into Rust.", "coding"),
+    ("How does NAT translate private addresses to a public IP?", "technical"),
+    ("Explain the translation lookaside buffer.", "technical"),
+    ("Explain the causes of the French Revolution.", "general"),
 ])
-def test_code_translation_and_technical_uses_of_translate_are_not_translation_requests(text: str) -> None:
-    assert not is_translation_request(text)
+def test_code_translation_and_technical_uses_of_translate_are_not_language_requests(
+        router: Router, by_domain: dict[str, str], text: str, domain: str) -> None:
+    assert router.route([user(text)]).expert == by_domain[domain]
+
+
+# --- conversations -----------------------------------------------------------------------------
 
 
 def test_the_last_user_turn_decides(router: Router, by_domain: dict[str, str]) -> None:
-    spanish_then_english = [user("¿Qué puedo cocinar esta noche?"), ChatMessage("assistant", "Una paella."),
+    spanish_then_english = [user("¿Qué puedo cocinar esta noche?"), turn("assistant", "Una paella."),
                             user("What is the capital of Canada?")]
-    english_then_spanish = [user("What is the capital of Canada?"), ChatMessage("assistant", "Ottawa."),
+    english_then_spanish = [user("What is the capital of Canada?"), turn("assistant", "Ottawa."),
                             user("¿Y cuántos habitantes tiene?")]
     assert router.route(spanish_then_english).expert == by_domain["general"]
     assert router.route(english_then_spanish).expert == by_domain["multilingual"]
@@ -241,10 +278,10 @@ def test_the_last_user_turn_decides(router: Router, by_domain: dict[str, str]) -
 
 def test_earlier_turns_weigh_less_but_still_count(router: Router, by_domain: dict[str, str]) -> None:
     coding = [user("Write a Python function that parses a CSV file into dicts."),
-              ChatMessage("assistant", "def parse(path): ..."), user("Now make it faster.")]
-    assert router.route(coding).expert == by_domain["coding"]
+              turn("assistant", "def parse(path): ..."), user("Now make it faster.")]
     alone = router.route([user("Now make it faster.")])
     with_history = router.route(coding)
+    assert with_history.expert == by_domain["coding"] != alone.expert
     assert with_history.scores[by_domain["coding"]] > alone.scores[by_domain["coding"]]
 
 
@@ -253,47 +290,76 @@ def test_earlier_turns_weigh_less_but_still_count(router: Router, by_domain: dic
     "Eres un asistente muy útil. Responde siempre con amabilidad y detalle.",
 ])
 def test_a_system_prompt_does_not_dominate(router: Router, by_domain: dict[str, str], system: str) -> None:
-    messages = [ChatMessage("system", system), user("Give me a tip for falling asleep faster.")]
+    messages = [turn("system", system), user("Give me a tip for falling asleep faster.")]
     assert router.route(messages).expert == by_domain["general"]
 
 
+# --- defaults, ties and odd configs ------------------------------------------------------------
+
+
 @pytest.mark.parametrize("messages", [[], [user("")], [user("   ")], [user("zzqx vvkj")]])
-def test_no_evidence_goes_to_the_default_expert(config: AppConfig, router: Router, messages: list) -> None:
+def test_no_known_words_go_to_the_default_expert(config: AppConfig, router: Router, messages: list) -> None:
     decision = router.route(messages)
-    assert (decision.expert, decision.reason) == (config.default_expert, "below threshold: default expert")
-    assert decision.confidence == decision.scores[config.default_expert] < config.router.threshold
+    assert (decision.expert, decision.reason) == (config.default_expert, "no known words: default expert")
+    assert decision.confidence == decision.scores[config.default_expert]
 
 
-def test_a_higher_threshold_sends_weak_matches_to_the_default(config: AppConfig) -> None:
-    strict = Router(config.experts, "mistral_balanced", 0.99)
+def test_a_higher_threshold_sends_unsure_decisions_to_the_default(config: AppConfig) -> None:
+    strict = Router(config.experts, "mistral_balanced", 1.0)
     decision = strict.route_prompt("What is the capital of Australia?")
     assert (decision.expert, decision.reason) == ("mistral_balanced", "below threshold: default expert")
 
 
-def test_ties_are_broken_by_config_order(config: AppConfig) -> None:
+def test_experts_sharing_a_domain_split_it_and_ties_go_in_config_order(config: AppConfig) -> None:
     general, coder = config.experts[0], config.experts[2]
     experts = [coder, general.model_copy(update={"id": "first"}), general.model_copy(update={"id": "second"})]
     decision = Router(experts, coder.id, 0.0).route_prompt("What is the capital of France?")
     assert decision.scores["first"] == decision.scores["second"] > decision.scores[coder.id]
+    assert decision.scores["first"] + decision.scores["second"] + decision.scores[coder.id] == pytest.approx(1.0)
     assert decision.ranking() == ("first", "second", coder.id) and decision.expert == "first"
 
 
-def test_a_near_tie_with_the_default_expert_goes_to_the_default(config: AppConfig) -> None:
-    twin = config.experts[0]
-    experts = [twin.model_copy(update={"id": "first"}), twin.model_copy(update={"id": "default"})]
-    decision = Router(experts, "default", 0.0).route_prompt("What is the capital of France?")
-    assert next(iter(decision.scores)) == "first"
-    assert (decision.expert, decision.reason) == ("default", "no clear match: default expert")
+def test_an_expert_of_a_domain_the_classifier_never_saw_gets_no_probability(config: AppConfig) -> None:
+    legal = config.experts[1].model_copy(update={"id": "legal", "domain": "legal", "routing": RoutingProfile()})
+    router = Router([*config.experts, legal], config.default_expert, config.router.threshold)
+    decision = router.route_prompt("Can my landlord keep my deposit for normal wear and tear?")
+    assert decision.scores["legal"] == 0.0 and decision.expert != "legal"
 
 
-# --- the decision itself -----------------------------------------------------------------------
+def test_one_domain_needs_no_classifier(config: AppConfig) -> None:
+    decision = Router(config.experts[:1], config.experts[0].id, 0.5).route_prompt("Explain TCP.")
+    assert (decision.expert, decision.scores, decision.reason) == (config.experts[0].id, {config.experts[0].id: 1.0},
+                                                                   "classifier")
 
 
-def test_a_decision_reports_every_score_highest_first(router: Router, config: AppConfig) -> None:
+def test_an_unknown_default_expert_is_refused(config: AppConfig) -> None:
+    with pytest.raises(ValueError, match="default expert"):
+        Router(config.experts, "nobody", 0.1)
+
+
+def test_experts_are_found_by_capability_and_domain_not_by_id(config: AppConfig) -> None:
+    renamed = [e.model_copy(update={"id": f"x{i}"}) for i, e in enumerate(config.experts)]
+    router = Router(renamed, "x0", config.router.threshold)
+    assert router.route([user("hi", IMAGE)]).expert == "x3"
+    assert router.route_prompt("```\nprint(1)\n```").expert == "x2"
+    assert router.route_prompt("Bonjour, comment ça va ?").expert == "x4"
+
+
+# --- the decision ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["Explain how a B-tree index speeds up database lookups.", "Tell me a joke",
+                                  "¿Qué hora es?", "```\nprint(1)\n```", ""])
+def test_scores_are_probabilities_that_sum_to_one_highest_first(router: Router, config: AppConfig, text: str) -> None:
+    scores = router.route_prompt(text).scores
+    assert set(scores) == {e.id for e in config.experts}
+    assert list(scores.values()) == sorted(scores.values(), reverse=True)
+    assert all(0.0 <= p <= 1.0 for p in scores.values()) and sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_classifier_decision_is_its_most_probable_expert(router: Router) -> None:
     decision = router.route_prompt("Explain how a B-tree index speeds up database lookups.")
-    assert set(decision.scores) == {e.id for e in config.experts}
-    assert list(decision.scores.values()) == sorted(decision.scores.values(), reverse=True)
-    assert (decision.expert, decision.reason) == ("mistral_balanced", "tf-idf best match")
+    assert (decision.expert, decision.reason) == ("mistral_balanced", "classifier")
     assert decision.confidence == decision.scores[decision.expert] == max(decision.scores.values())
     assert decision.ranking()[0] == decision.expert and set(decision.ranking()) == set(decision.scores)
     assert decision.elapsed_ms > 0
@@ -305,48 +371,32 @@ def test_the_ranking_puts_a_structural_winner_first(router: Router) -> None:
     assert len(decision.ranking()) == len(decision.scores)
 
 
+@pytest.mark.parametrize("text", ["What is the capital of France?", "Compare TCP and UDP.",
+                                  "Write a Python function that reverses a list.",
+                                  "¿Cuántos habitantes tiene Madrid?"])
+def test_consensus_asks_the_multimodal_expert_only_when_it_fits(router: Router, text: str) -> None:
+    """Experts below `policy.FIT` come after those that fit, in config order (the multimodal one is fourth)."""
+    decision = router.route_prompt(text)
+    assert "gemma3_multimodal" not in decision.ranking()[:3], decision.scores
+    fits = router.route_prompt("Describe the chart in the attached image.")
+    assert fits.ranking()[0] == "gemma3_multimodal"
+
+
 def test_route_prompt_is_one_user_turn(router: Router) -> None:
     prompt = "Write a SQL query that counts orders per customer."
     a, b = router.route_prompt(prompt), router.route([user(prompt)])
     assert (a.expert, a.scores, a.reason) == (b.expert, b.scores, b.reason)
 
 
-def test_experts_are_found_by_capability_and_domain_not_by_id(config: AppConfig) -> None:
-    renamed = [e.model_copy(update={"id": f"x{i}"}) for i, e in enumerate(config.experts)]
-    router = Router(renamed, "x0", config.router.threshold)
-    assert router.route([user("hi", IMAGE)]).expert == "x3"
-    assert router.route_prompt("```\nprint(1)\n```").expert == "x2"
-    assert router.route_prompt("Bonjour, comment ça va ?").expert == "x4"
-
-
-def test_an_unknown_default_expert_is_refused(config: AppConfig) -> None:
-    with pytest.raises(ValueError, match="default expert"):
-        Router(config.experts, "nobody", 0.1)
-
-
 def test_concurrent_routing_gives_the_same_decisions(router: Router) -> None:
-    prompts = [c["prompt"] for c in CASES[:40]]
+    prompts = [e.text for e in HELDOUT[::15]]
     expected = [router.route_prompt(p).expert for p in prompts]
     with ThreadPoolExecutor(max_workers=8) as pool:
         for _ in range(3):
             assert list(pool.map(lambda p: router.route_prompt(p).expert, prompts)) == expected
 
 
-def test_long_prompts_are_routed_quickly(router: Router) -> None:
-    """A loose guard against a slow path creeping in (the benchmark measures the real figures)."""
-    prompt = ("Our service times out under load; the database pool has twenty connections and latency grows "
-              "with throughput across the replicas. ") * 20
-    for _ in range(20):
-        router.route_prompt(prompt[:2000])
-    timings = []
-    for _ in range(200):
-        started = time.perf_counter()
-        router.route_prompt(prompt[:2000])
-        timings.append(time.perf_counter() - started)
-    assert statistics.median(timings) < 0.002
-
-
-# --- the numpy TF-IDF equals scikit-learn's --------------------------------------------------
+# --- the classifier ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("text", [
@@ -354,20 +404,27 @@ def test_long_prompts_are_routed_quickly(router: Router) -> None:
     "def f(x):\n    return x  # don't   panic!!",
     "¿Cuál es la   mejor época?\tC++ y C# también",
     "这是什么意思？ 日本の首都は東京です。",
-    "a b cd a cd  é   ",
     "I'd like 3 café-au-lait's, please — ok?",
-    "Переведи «привет» на английский: hello.",
-    "x" * 40 + " tiny " + "y" * 3,
+    "Our service times out under load; the pool has twenty connections. " * 8,  # longer than CHAR_HEAD
+    "",
 ])
-def test_the_numpy_vectors_equal_sklearn_transform(router: Router, config: AppConfig, text: str) -> None:
-    words, chars = _fit_vectorizers([doc for e in config.experts for doc in _profile_documents(e)],
-                                    [doc for e in config.experts for doc in _sentences(e)])
-    assert len(text) < _MAX_CHAR_NGRAM_CHARS
-    expected = np.concatenate((words.transform([text]).toarray()[0], chars.transform([text]).toarray()[0]))
-    ids, values = router._model.vector(text.lower())
-    actual = np.zeros_like(expected)
-    actual[ids] = values
-    np.testing.assert_allclose(actual, expected, atol=1e-12)
+def test_the_fast_scoring_equals_sklearn(router: Router, text: str) -> None:
+    """The classifier scores requests without sklearn's per-call validation; the numbers must be sklearn's."""
+    classifier = router._classifier
+    features = scipy.sparse.hstack([v.transform([text]) for v in classifier.vectorizers], format="csr")
+    expected = classifier.model.predict_proba(features)[0]
+    np.testing.assert_allclose(classifier.probabilities(classifier.scores(text).values), expected, atol=1e-12)
+
+
+def test_training_is_deterministic(router: Router, config: AppConfig) -> None:
+    again = policy._classifier.__wrapped__(policy.expert_profile(config.experts))
+    first = router._classifier
+    assert again.classes == first.classes and again.vectorizers[1].vocabulary_ == first.vectorizers[1].vocabulary_
+    np.testing.assert_array_equal(again._weights, first._weights)
+    assert again._beta == first._beta
+    text = "How does a heat pump move heat?"
+    np.testing.assert_array_equal(again.probabilities(again.scores(text).values),
+                                  first.probabilities(first.scores(text).values))
 
 
 # --- the profiles in the configs ---------------------------------------------------------------
@@ -381,5 +438,6 @@ def test_both_configs_carry_the_same_routing_data() -> None:
 
 
 def test_every_expert_has_a_substantial_profile(config: AppConfig) -> None:
+    """Examples and keywords join the corpus in training: they widen the vocabulary of each domain."""
     for expert in config.experts:
         assert len(expert.routing.keywords) >= 30 and len(expert.routing.examples) >= 20, expert.id
