@@ -193,8 +193,18 @@ def pss_bytes(pids: set[int]) -> int:
     return total
 
 
-def host_pids(config: Path) -> list[int]:
-    """The model host serving a config file (our design only)."""
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def host_pids(config: str | Path) -> list[int]:
+    """The live model hosts serving a config file (our design only)."""
+    wanted = str(Path(config).resolve()).encode()
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -202,7 +212,7 @@ def host_pids(config: Path) -> list[int]:
                 args = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"core.host" in args and str(config.resolve()).encode() in args:
+            if b"core.host" in args and wanted in args and alive(int(entry.name)):
                 found.append(int(entry.name))
     return found
 

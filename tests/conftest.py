@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from bench.suite import alive, host_pids, process_tree  # noqa: F401 - the tests' process helpers too
+
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = json.loads((REPO / "configs" / "embedded.json").read_text())
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -171,32 +173,6 @@ def pss_bytes(pid: int) -> int:
         if line.startswith("Pss:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no Pss")
-
-
-def process_tree(pid: int) -> list[int]:
-    """A process and all its descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, ()))
-    return tree
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def runner_processes(under: Path) -> set[int]:

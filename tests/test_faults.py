@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from core.config import EMBEDDED_CONFIG, ServerConfig, load_config
 from core.host_address import HostAddress
 from tests.conftest import (FAKE_MODELS, MODEL_DIR, REPO, FakeUpstream, Server, alive, fake_engine, free_port,
-                            make_config, write_config)
+                            host_pids, make_config, write_config)
 
 CHAT = "/v1/chat/completions"
 PATH = re.compile(r"(?:/[\w.@+-]+){2,}")
@@ -134,22 +134,6 @@ def own_upstream() -> Iterator[Callable[..., FakeUpstream]]:
     for upstream in started:
         upstream.process.kill()
         upstream.process.wait()
-
-
-def host_pids(config: Path) -> list[int]:
-    """The live model host processes of a config."""
-    wanted = str(config.resolve()).encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"core.host" in args and wanted in args and alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
 
 
 def host_log(config: Path) -> str:

@@ -22,7 +22,8 @@ import requests
 from core.config import load_config
 from core.admission import Admission
 from core.host import HostError, ModelHost, State
-from tests.conftest import (FakeUpstream, Server, alive, fake_engine, make_config, process_tree, pss_bytes,
+from bench.suite import suite_pss
+from tests.conftest import (FakeUpstream, Server, alive, fake_engine, host_pids, make_config, process_tree,
                             write_config)
 
 CHAT = "/v1/chat/completions"
@@ -42,27 +43,9 @@ def parallel(calls):
 
 def host_pid(config: Path) -> int:
     """The model host serving a config file."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"core.host" in args and str(config.resolve()).encode() in args and alive(int(entry.name)):
-                return int(entry.name)
-    raise AssertionError(f"no model host for {config}")
-
-
-def suite_pss(config: Path, fronts: list[Server]) -> int:
-    """The memory of the whole suite: fronts, host and runners, shared pages counted once."""
-    pids = {pid for root in [host_pid(config), *(f.process.pid for f in fronts)] for pid in process_tree(root)}
-    total = 0
-    for pid in pids:
-        try:
-            total += pss_bytes(pid)
-        except OSError:
-            pass
-    return total
+    pids = host_pids(config)
+    assert pids, f"no model host for {config}"
+    return pids[0]
 
 
 def states(server: Server) -> dict[str, dict]:

@@ -15,7 +15,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import REPO, free_port, make_config, write_config
+from tests.conftest import REPO, free_port, host_pids, make_config, write_config
 from core.config import load_config
 
 SCRIPTS = REPO / "start_scripts"
@@ -37,21 +37,6 @@ def server_pids(port: int) -> list[int]:
             continue
         if b"--port" in args and args[args.index(b"--port") + 1] == str(port).encode() and state not in "ZX" \
                 and any(a.startswith(b"servers.") for a in args):
-            found.append(int(entry.name))
-    return found
-
-
-def host_pids(config: str) -> list[int]:
-    """Live model host processes of a config."""
-    wanted = str(Path(config).resolve()).encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if b"core.host" in args and wanted in args and state not in "ZX":
             found.append(int(entry.name))
     return found
 
