@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
-MODEL := models/SmolLM2-135M-Instruct/.prepared
+MODEL := models/SmolLM2-135M-Instruct-W8A8/.prepared
 CONFIG ?= configs/embedded.json
 
-.PHONY: install models run stop test bench clean neon-ext neon-cross-tools bench-kernels
+.PHONY: install models run stop test bench clean neon-ext neon-cross-tools runtime-libs bench-kernels bench-decode
 
 install: $(INSTALLED)
 
@@ -21,7 +21,8 @@ $(INSTALLED): setup.cfg pyproject.toml
 
 models: $(MODEL)
 
-$(MODEL): | $(INSTALLED)
+# The float32 folder, then the int8 checkpoint the embedded config serves, kept only if the quality gate passes.
+$(MODEL): | $(INSTALLED) runtime-libs
 	$(BIN)/python -m core.model_prep
 
 # The SIMD kernels (neon_ext), built in place; a no-op rebuild takes under a second.
@@ -34,18 +35,29 @@ neon-cross-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user; \
 	fi
 
-run: install models neon-ext
+# tcmalloc, which runners preload (with torch's Intel OpenMP) when it is installed; best effort without root.
+runtime-libs:
+	@if [ ! -e /usr/lib/$$(uname -m)-linux-gnu/libtcmalloc_minimal.so.4 ]; then \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4; } \
+		|| echo "libtcmalloc-minimal4 not installed: runners start without it"; \
+	fi
+
+run: install runtime-libs models neon-ext
 	CAPIBARA_CONFIG=$(CONFIG) start_scripts/start_all.sh
 
 stop:
 	start_scripts/stop_all.sh
 
-test: install models neon-ext neon-cross-tools
+test: install runtime-libs models neon-ext neon-cross-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Latency of every expert on a running standard server (start it with `make run`); report in results/.
 bench: install
 	$(BIN)/python -m bench.test_latency_safe --url http://127.0.0.1:8082 --out results/latency
+
+# The embedded default (int8, compiled) against float32 eager, through the servers, in one run.
+bench-decode: install runtime-libs models
+	$(BIN)/python -m bench.bench_decode
 
 # Each kernel against NumPy, torch eager and vLLM's own ops, single thread, with copy bandwidth as the ceiling.
 bench-kernels: neon-ext

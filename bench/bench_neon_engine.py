@@ -2,7 +2,8 @@
 
 Two runners of the same model, one with ``neon_kernels`` (the vLLM general plugin replaces its layers), run the
 same greedy workload in alternating rounds, so machine noise hits both alike; prints tokens/s of each and the
-ratio (ours / vLLM's own ops).
+ratio (ours / vLLM's own ops). Our kernels are float32 and replace vLLM's custom ops, which run only eagerly, so
+both runners serve the float32 folder eagerly (the compiled int8 default uses neither).
 
     .venv/bin/python -m bench.bench_neon_engine [--rounds 3] [--requests 8] [--max-tokens 64]
 """
@@ -14,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench.suite import bench_config, fronts, load, messages, wait_ready
+from bench.suite import MODEL_DIR, bench_config, fronts, load, messages, wait_ready
 
 EXPERTS = {"vLLM ops": "mistral_balanced", "neon_ext ops": "phi4_fast"}
 
@@ -27,6 +28,7 @@ async def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         config = bench_config(Path(tmp), warmup=list(EXPERTS.values()), experts=list(EXPERTS.values()),
+                              model=MODEL_DIR, engine={"dtype": "float32", "enforce_eager": True},
                               max_loaded_experts=2)
         raw = json.loads(config.read_text())
         for expert in raw["experts"]:

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 REPO = Path(__file__).resolve().parent.parent
+# The float32 folder: the baseline of the decode bench, and the in-process design's model.
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
 # The last commit of the in-process design (three servers, each with its own engines): "today" in the benches.
 IN_PROCESS_DESIGN = "4336cc8"
@@ -34,19 +35,20 @@ def free_port() -> int:
 
 
 def bench_config(directory: Path, *, warmup: list[str], seeds: dict[str, int] | None = None,
-                 experts: list[str] | None = None, **server: Any) -> Path:
+                 experts: list[str] | None = None, engine: dict[str, Any] | None = None, model: Path | None = None,
+                 name: str = "bench.json", **server: Any) -> Path:
     """The embedded config with absolute model paths and its own run dir; `seeds` gives experts runners of their
-    own; `experts` keeps only those."""
+    own; `experts` keeps only those; `engine` and `model` override every expert's."""
     raw = json.loads((REPO / "configs" / "embedded.json").read_text())
     if experts is not None:
         raw["experts"] = [e for e in raw["experts"] if e["id"] in experts]
     for expert in raw["experts"]:
-        expert["model"] = str(MODEL_DIR)
-        expert["engine"]["seed"] = (seeds or {}).get(expert["id"], 0)
-    raw["server"].update({"warmup": warmup, "run_dir": str(directory / "run"), **server})
+        expert["model"] = str(model or (REPO / "configs" / expert["model"]).resolve())
+        expert["engine"].update({"seed": (seeds or {}).get(expert["id"], 0), **(engine or {})})
+    raw["server"].update({"warmup": warmup, "run_dir": str(directory / f"run-{Path(name).stem}"), **server})
     if raw["router"]["default_expert"] not in {e["id"] for e in raw["experts"]}:
         raw["router"]["default_expert"] = raw["experts"][0]["id"]
-    path = directory / "bench.json"
+    path = directory / name
     path.write_text(json.dumps(raw))
     return path
 

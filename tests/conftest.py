@@ -19,7 +19,11 @@ from bench.suite import alive, host_pids, process_tree  # noqa: F401 - the tests
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = json.loads((REPO / "configs" / "embedded.json").read_text())
-MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
+# The embedded default's model (int8, compiled) and the float32 folder it was quantised from, which the tests of
+# runner lifecycles serve eagerly: they start many runners, and an eager start skips compilation.
+MODEL_DIR = (REPO / "configs" / EMBEDDED["experts"][0]["model"]).resolve()
+FLOAT32_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
+FLOAT32_EAGER = {"dtype": "float32", "enforce_eager": True}
 # The fake upstream's models: plain echo, and experts that always fail, hang or answer slowly.
 FAKE_MODELS = ("echo", "echo[[fail]]", "echo[[hang]]", "echo[[delay=0.05]]", "echo[[cut]]")
 
@@ -78,11 +82,15 @@ class FakeUpstream:
 def make_config(tmp_path: Path, *, engine: str = "vllm", upstream: str | None = None, name: str = "config.json",
                 **server) -> tuple[Path, dict]:
     """The embedded config for a test: its own run dir (so its own model host), the real model for every expert
-    (engine "vllm") or the fake upstream at `upstream` (engine "fake"), and server overrides."""
+    (engine "vllm": the embedded default, or "float32-eager") or the fake upstream at `upstream` (engine "fake"),
+    and server overrides."""
     config = copy.deepcopy(EMBEDDED)
     for expert in config["experts"]:
         if engine == "vllm":
             expert["model"] = str(MODEL_DIR)
+        elif engine == "float32-eager":
+            expert["model"] = str(FLOAT32_DIR)
+            expert["engine"].update(FLOAT32_EAGER)
         else:
             expert["model"] = "echo"
             expert["engine"] = {"kind": "remote", "base_url": upstream, "remote_model": "echo"}

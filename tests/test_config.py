@@ -15,7 +15,8 @@ def test_shipped_configs_validate():
     production = load_config(PRODUCTION_CONFIG)
     ids = ["phi4_fast", "mistral_balanced", "qwen_coder", "gemma3_multimodal", "aya_expanse_multilingual"]
     assert [e.id for e in embedded.experts] == ids == [e.id for e in production.experts]
-    assert all(e.model.endswith("SmolLM2-135M-Instruct") for e in embedded.experts)
+    assert all(e.model.endswith("SmolLM2-135M-Instruct-W8A8") for e in embedded.experts)
+    assert all(e.engine.dtype == "bfloat16" and not e.engine.enforce_eager for e in embedded.experts)
     assert len({e.system_prompt for e in embedded.experts}) == 5
     assert all(e.engine.kv_cache_memory_bytes for e in embedded.experts)
     assert all(e.engine.kv_cache_dtype == "fp8" for e in production.experts)

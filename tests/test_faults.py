@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from core.config import EMBEDDED_CONFIG, ServerConfig, load_config
 from core.host_address import HostAddress
-from tests.conftest import (FAKE_MODELS, MODEL_DIR, REPO, FakeUpstream, Server, alive, fake_engine, free_port,
+from tests.conftest import (FAKE_MODELS, FLOAT32_DIR, REPO, FakeUpstream, Server, alive, fake_engine, free_port,
                             host_pids, make_config, write_config)
 
 CHAT = "/v1/chat/completions"
@@ -352,10 +352,10 @@ def runner_requests(server: Server, expert: str) -> float:
 def vllm_faults(tmp_path_factory, fake_upstream) -> Iterator[tuple[Server, Path]]:
     """phi4_fast on vLLM from a model directory that does not exist (yet), qwen_coder on vLLM (warm, a short
     request timeout), the other experts on the fake upstream. Returns the server and phi4_fast's missing
-    directory."""
+    directory. Float32 and eager: these are tests of runner processes, and an eager start skips compilation."""
     tmp = tmp_path_factory.mktemp("vllm-faults")
     missing = tmp / "SmolLM2-135M-Instruct"
-    path, config = make_config(tmp, warmup=["qwen_coder"], max_loaded_experts=5)
+    path, config = make_config(tmp, engine="float32-eager", warmup=["qwen_coder"], max_loaded_experts=5)
     for expert in config["experts"]:
         if expert["id"] == "phi4_fast":
             expert["model"] = str(missing)
@@ -386,7 +386,7 @@ def test_real_model_directory_missing_is_a_retryable_503_and_recovers(vllm_fault
     assert chat(server, "mistral_balanced").status_code == 200  # the other experts still answer
     assert chat(server, "qwen_coder", **body).status_code == 200
 
-    missing.symlink_to(MODEL_DIR)
+    missing.symlink_to(FLOAT32_DIR)
     recovered = chat(server, "phi4_fast", "What is the capital of France?", timeout=300, **body)
     assert recovered.status_code == 200, recovered.text
     assert recovered.json()["choices"][0]["message"]["content"].strip()
@@ -451,7 +451,7 @@ def test_real_engine_sigterm_finishes_the_open_stream_then_the_host_stops_the_ru
                                                                                       fake_upstream):
     """The drain lets the runner finish the stream and the front exits 0; once no front is attached, the host
     stops the runner (its whole process group) and exits."""
-    path, config = make_config(tmp_path, warmup=["qwen_coder"], shutdown_grace_s=60)
+    path, config = make_config(tmp_path, engine="float32-eager", warmup=["qwen_coder"], shutdown_grace_s=60)
     for expert in config["experts"]:
         if expert["id"] != "qwen_coder":
             expert.update(model="echo", engine={"kind": "remote", "base_url": fake_upstream.url,

@@ -60,10 +60,11 @@ def lifecycle(tmp_path_factory):
     """Three runners (A: phi4_fast and the experts that share its settings, B: qwen_coder with another seed,
     C: mistral_balanced with our kernels),
     at most two loaded, A warm; a standard and a streaming front on the same host. The idle timeout is longer
-    than a runner's start, so that nothing is unloaded before the last test waits for it."""
+    than a runner's start, so that nothing is unloaded before the last test waits for it. Float32 and eager: four
+    starts without compilation, and our kernels are float32 kernels of vLLM's eager custom ops."""
     tmp = tmp_path_factory.mktemp("lifecycle")
-    path, config = make_config(tmp, warmup=[RUNNER_A], max_loaded_experts=2, idle_timeout_s=100,
-                               idle_check_interval_s=0.5)
+    path, config = make_config(tmp, engine="float32-eager", warmup=[RUNNER_A], max_loaded_experts=2,
+                               idle_timeout_s=100, idle_check_interval_s=0.5)
     for expert in config["experts"]:
         expert["engine"]["seed"] = 1 if expert["id"] == RUNNER_B else 0
     next(e for e in config["experts"] if e["id"] == RUNNER_C)["engine"]["neon_kernels"] = True
@@ -203,7 +204,7 @@ def test_runners_die_with_their_host(lifecycle):
 
 def test_a_missing_model_directory_fails_the_load_then_recovers(tmp_path, start_server):
     link = tmp_path / "smollm2"
-    path, config = make_config(tmp_path)
+    path, config = make_config(tmp_path, engine="float32-eager")
     for expert in config["experts"]:
         expert["model"] = str(link)
     server = start_server("standard", write_config(path, config))
@@ -213,8 +214,8 @@ def test_a_missing_model_directory_fails_the_load_then_recovers(tmp_path, start_
     assert failed.headers["Retry-After"]
     assert server.health()["experts"]["aya_expanse_multilingual"]["state"] == "failed"
     assert str(tmp_path) not in failed.text  # no file paths in what clients read
-    from tests.conftest import MODEL_DIR
-    os.symlink(MODEL_DIR, link)
+    from tests.conftest import FLOAT32_DIR
+    os.symlink(FLOAT32_DIR, link)
     recovered = requests.post(server.url + CHAT, json=body, timeout=300)
     assert recovered.status_code == 200, recovered.text
     assert "Paris" in recovered.json()["choices"][0]["message"]["content"]

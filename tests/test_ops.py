@@ -216,7 +216,7 @@ def test_axion_dry_run_prints_a_diff_and_writes_nothing(tmp_path):
     dry = subprocess.run([*AXION, str(config), "--dry-run"], capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.startswith(f"--- {config}\n+++ {config}\n@@ ")
-    assert '+        "kv_cache_dtype": "fp8",' in dry.stdout and '-        "enforce_eager": true,' in dry.stdout
+    assert '+        "kv_cache_dtype": "fp8",' in dry.stdout and '+        "max_num_batched_tokens": 2048' in dry.stdout
     assert config.read_bytes() == before and list(tmp_path.iterdir()) == [config]
 
     in_place = subprocess.run([*AXION, str(config)], capture_output=True, text=True)
