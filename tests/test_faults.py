@@ -389,7 +389,7 @@ def test_real_model_directory_missing_is_a_retryable_503_and_recovers(vllm_fault
     missing.symlink_to(FLOAT32_DIR)
     recovered = chat(server, "phi4_fast", "What is the capital of France?", timeout=300, **body)
     assert recovered.status_code == 200, recovered.text
-    assert recovered.json()["choices"][0]["message"]["content"].strip()
+    assert "Paris" in recovered.json()["choices"][0]["message"]["content"]
     assert expert_health(server, "phi4_fast") == {"state": "ready", "error": None}
     stats = server.stats()["experts"]["phi4_fast"]
     assert (stats["load_failures"], stats["loads"]) == (1, 1)
