@@ -19,9 +19,11 @@ from typing import Any
 
 import aiohttp
 
+from core.model_prep import DEFAULT_OUTPUT
+
 REPO = Path(__file__).resolve().parent.parent
 # The float32 folder: the baseline of the decode bench, and the in-process design's model.
-MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
+MODEL_DIR = DEFAULT_OUTPUT
 # The last commit of the in-process design (three servers, each with its own engines): "today" in the benches.
 IN_PROCESS_DESIGN = "4336cc8"
 PROMPTS = ["Write a long story about a lighthouse keeper.", "Explain how a steam engine works, in detail.",

@@ -94,8 +94,8 @@ def prepare_float32(output: Path, force: bool) -> None:
 
 
 def prepare_int8(float32: Path, output: Path, force: bool) -> None:
-    """Quantise, then run the quality gate on the embedded config's engine settings; a checkpoint that fails the
-    gate is deleted, so nothing serves it."""
+    """Quantise, then run the quality gate on this checkpoint with the embedded config's engine settings; a
+    checkpoint that fails the gate is deleted, so nothing serves it."""
     from core.quality_gate import run_quality_gate
     from core.quantize import quantize_w8a8
 
@@ -103,7 +103,7 @@ def prepare_int8(float32: Path, output: Path, force: bool) -> None:
         print(f"model ready: {output}")
         return
     quantize_w8a8(float32, output)
-    verdict = run_quality_gate(reference=float32)
+    verdict = run_quality_gate(reference=float32, candidate=output)
     print(verdict.report)
     if not verdict.passed:
         shutil.rmtree(output)

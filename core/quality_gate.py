@@ -9,6 +9,7 @@ Two measures, because each misses what the other sees:
   a wrong layout or a lost layer, which cost tens of percent or more.
 
     python -m core.quality_gate [--config configs/embedded.json] [--expert phi4_fast] [--reference DIR]
+                                [--candidate DIR]
 """
 from __future__ import annotations
 
@@ -23,15 +24,13 @@ from pathlib import Path
 
 import aiohttp
 
-from core.config import ExpertConfig, load_config
-from core.runner import RunnerProcess, cpu_flags, plan_runner, runner_key
+from core.config import EMBEDDED_CONFIG, ExpertConfig, load_config
+from core.model_prep import DEFAULT_OUTPUT as DEFAULT_REFERENCE
+from core.runner import RunnerProcess, cpu_flags, plan_runner, runner_key, split_cores
 
 PERPLEXITY_LIMIT = 1.05
 ANSWER_TOKENS = 48
 START_TIMEOUT_S = 900.0
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "configs" / "embedded.json"
-DEFAULT_REFERENCE = REPO / "models" / "SmolLM2-135M-Instruct"
 
 # (question, words of which the right answer contains at least one), lower case.
 QUESTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -108,21 +107,19 @@ async def _perplexity(session: aiohttp.ClientSession, base_url: str, model: str)
 
 def compare(reference: Measurement, candidate: Measurement) -> Verdict:
     """Fail if the candidate misses a fact the reference knows, or if its perplexity exceeds the limit."""
+    ref_ok = [_knows(answer, words) for (_, words), answer in zip(QUESTIONS, reference.answers)]
+    cand_ok = [_knows(answer, words) for (_, words), answer in zip(QUESTIONS, candidate.answers)]
+    same = [ref == cand for ref, cand in zip(reference.answers, candidate.answers)]
     lines = [f"{'question':<58}{'float32':>9}{'candidate':>11}{'same text':>11}"]
-    lost = []
-    for (question, words), ref, cand in zip(QUESTIONS, reference.answers, candidate.answers):
-        ref_ok, cand_ok = _knows(ref, words), _knows(cand, words)
-        if ref_ok and not cand_ok:
-            lost.append(question)
-        lines.append(f"{question[:56]:<58}{_mark(ref_ok):>9}{_mark(cand_ok):>11}{_mark(ref == cand):>11}")
-    same = sum(ref == cand for ref, cand in zip(reference.answers, candidate.answers))
+    lines += [f"{question[:56]:<58}{_mark(r):>9}{_mark(c):>11}{_mark(s):>11}"
+              for (question, _), r, c, s in zip(QUESTIONS, ref_ok, cand_ok, same)]
     ratio = candidate.perplexity / reference.perplexity
-    lines.append(f"identical greedy answers: {same}/{len(QUESTIONS)}; facts kept: "
-                 f"{sum(_knows(a, w) for (_, w), a in zip(QUESTIONS, candidate.answers))}/"
-                 f"{sum(_knows(a, w) for (_, w), a in zip(QUESTIONS, reference.answers))} of the reference's")
+    lines.append(f"identical greedy answers: {sum(same)}/{len(QUESTIONS)}; facts kept: {sum(cand_ok)}/"
+                 f"{sum(ref_ok)} of the reference's")
     lines.append(f"perplexity: float32 {reference.perplexity:.3f}, candidate {candidate.perplexity:.3f}, "
                  f"ratio {ratio:.4f} (limit {PERPLEXITY_LIMIT})")
-    failures = [f"lost the answer to {q!r}" for q in lost]
+    failures = [f"lost the answer to {question!r}"
+                for (question, _), r, c in zip(QUESTIONS, ref_ok, cand_ok) if r and not c]
     if ratio > PERPLEXITY_LIMIT:
         failures.append(f"perplexity ratio {ratio:.4f} above {PERPLEXITY_LIMIT}")
     lines.append("PASSED" if not failures else "FAILED: " + "; ".join(failures))
@@ -146,7 +143,7 @@ def reference_of(candidate: ExpertConfig, folder: Path) -> ExpertConfig:
 async def measure_runner(expert: ExpertConfig, log_dir: Path) -> Measurement:
     """Start a runner for the expert on every core, measure it, stop it."""
     key = runner_key(expert)
-    cores = f"0-{os.cpu_count() - 1}"
+    cores = split_cores(os.cpu_count() or 1, front_cores=0, slots=1)[0]
     runner = await RunnerProcess.start(expert, key, plan_runner(expert, cpu_flags()), cores, log_dir)
     try:
         await runner.wait_ready(START_TIMEOUT_S)
@@ -155,29 +152,33 @@ async def measure_runner(expert: ExpertConfig, log_dir: Path) -> Measurement:
         await runner.stop()
 
 
-async def gate(config: Path, expert_id: str, reference: Path, log_dir: Path) -> Verdict:
-    """The expert of `config` (the candidate) against the float32 folder `reference`, one runner at a time."""
-    candidate = load_config(config).expert(expert_id)
-    if candidate is None:
+async def gate(config: Path, expert_id: str, reference: Path, candidate: Path | None, log_dir: Path) -> Verdict:
+    """The expert of `config` (with the weights in `candidate`, by default its own) against the float32 folder
+    `reference`, one runner at a time."""
+    expert = load_config(config).expert(expert_id)
+    if expert is None:
         raise SystemExit(f"{config}: no expert {expert_id!r}")
-    measured_reference = await measure_runner(reference_of(candidate, reference), log_dir)
-    measured_candidate = await measure_runner(candidate, log_dir)
+    if candidate is not None:
+        expert = expert.model_copy(update={"model": str(candidate.resolve())})
+    measured_reference = await measure_runner(reference_of(expert, reference), log_dir)
+    measured_candidate = await measure_runner(expert, log_dir)
     return compare(measured_reference, measured_candidate)
 
 
-def run_quality_gate(reference: Path = DEFAULT_REFERENCE, config: Path = DEFAULT_CONFIG,
-                     expert_id: str = "phi4_fast") -> Verdict:
+def run_quality_gate(reference: Path = DEFAULT_REFERENCE, candidate: Path | None = None,
+                     config: Path = EMBEDDED_CONFIG, expert_id: str = "phi4_fast") -> Verdict:
     with tempfile.TemporaryDirectory(prefix="quality-gate-") as logs:
-        return asyncio.run(gate(config, expert_id, reference.resolve(), Path(logs)))
+        return asyncio.run(gate(config, expert_id, reference.resolve(), candidate, Path(logs)))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--config", type=Path, default=EMBEDDED_CONFIG)
     parser.add_argument("--expert", default="phi4_fast")
     parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE, help="the float32 model folder")
+    parser.add_argument("--candidate", type=Path, help="the model folder to judge (default: the expert's own)")
     args = parser.parse_args(argv)
-    verdict = run_quality_gate(args.reference, args.config, args.expert)
+    verdict = run_quality_gate(args.reference, args.candidate, args.config, args.expert)
     print(verdict.report)
     if not verdict.passed:
         sys.exit(1)

@@ -16,13 +16,14 @@ import pytest
 import requests
 
 from bench.suite import alive, host_pids, process_tree  # noqa: F401 - the tests' process helpers too
+from core.model_prep import DEFAULT_OUTPUT
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = json.loads((REPO / "configs" / "embedded.json").read_text())
 # The embedded default's model (int8, compiled) and the float32 folder it was quantised from, which the tests of
 # runner lifecycles serve eagerly: they start many runners, and an eager start skips compilation.
 MODEL_DIR = (REPO / "configs" / EMBEDDED["experts"][0]["model"]).resolve()
-FLOAT32_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
+FLOAT32_DIR = DEFAULT_OUTPUT
 FLOAT32_EAGER = {"dtype": "float32", "enforce_eager": True}
 # The fake upstream's models: plain echo, and experts that always fail, hang or answer slowly.
 FAKE_MODELS = ("echo", "echo[[fail]]", "echo[[hang]]", "echo[[delay=0.05]]", "echo[[cut]]")
