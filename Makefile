@@ -23,7 +23,7 @@ models: $(MODEL)
 
 # The float32 folder, then the int8 checkpoint the embedded config serves, kept only if the quality gate passes.
 $(MODEL): | $(INSTALLED) runtime-libs
-	$(BIN)/python -m core.model_prep
+	$(BIN)/python -m core.models.prepare
 
 # The SIMD kernels (neon_ext), built in place; a no-op rebuild takes under a second.
 neon-ext: $(INSTALLED)

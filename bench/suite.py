@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from core.model_prep import DEFAULT_OUTPUT
+from core.models.prepare import DEFAULT_OUTPUT
 
 REPO = Path(__file__).resolve().parent.parent
 # The float32 folder: the baseline of the decode bench, and the in-process design's model.

@@ -1,5 +1,5 @@
 """The consensus server (port 8084): all of its behaviour lives in core; this only names it."""
-from core.api import main
+from core.front.app import main
 
 
 def run() -> None:

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from bench.suite import alive, host_pids, process_tree  # noqa: F401 - the tests' process helpers too
-from core.model_prep import DEFAULT_OUTPUT
+from core.models.prepare import DEFAULT_OUTPUT
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = json.loads((REPO / "configs" / "embedded.json").read_text())

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from core.config import load_config
-from core.consensus import SYNTHESIS_PROMPT, agreement, medoid
+from core.front.consensus import SYNTHESIS_PROMPT, agreement, medoid
 from core.protocol import ChatMessage
 from core.router import Router
 from tests.conftest import FAKE_MODELS, FakeUpstream, fake_engine, make_config, write_config

@@ -20,8 +20,8 @@ import pytest
 import requests
 
 from core.config import load_config
-from core.admission import Admission
-from core.host import HostError, ModelHost, State
+from core.host.admission import Admission
+from core.host.model_host import HostError, ModelHost, State
 from bench.suite import suite_pss
 from tests.conftest import (FakeUpstream, Server, alive, fake_engine, host_pids, make_config, process_tree,
                             write_config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from core.config import load_config
-from core.quality_gate import PERPLEXITY_LIMIT, QUESTIONS, Measurement, compare, measure, measure_runner, reference_of
+from core.models.quality_gate import PERPLEXITY_LIMIT, QUESTIONS, Measurement, compare, measure, measure_runner, reference_of
 from tests.conftest import FLOAT32_DIR
 
 RIGHT = tuple(f"The answer is {words[0]}." for _, words in QUESTIONS)

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from core.config import load_config
-from core.runner import cpu_preloads, is_int8_checkpoint, plan_runner
+from core.host.runner import cpu_preloads, is_int8_checkpoint, plan_runner
 from tests.conftest import FLOAT32_DIR, MODEL_DIR, REPO
 
 AVX2 = {"x86": True, "arm": False, "arm_bf16": False, "avx512": False, "avx512_bf16": False, "amx": False, "gpu": False}

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from core.config import ExpertConfig
-from core.runner_guard import RUNNER_ENV, die_with_parent
+from core.host.runner_guard import RUNNER_ENV, die_with_parent
 
 log = logging.getLogger(__name__)
 # Engine settings that make two runners different; an expert's prompt, sampling and routing do not.

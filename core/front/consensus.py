@@ -24,7 +24,7 @@ from sklearn.metrics.pairwise import cosine_similarity
 from core.config import ExpertConfig
 from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, invalid, new_id, render_chat_chunk,
                            render_chat_response, unavailable)
-from core.service import CHAT_PATH, CompletionService, Job
+from core.front.service import CHAT_PATH, CompletionService, Job
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from core.admission import Admission
+from core.host.admission import Admission
 from core.config import AppConfig, ConfigError, ExpertConfig, load_config
-from core.host_address import HostAddress
-from core.runner import RunnerError, RunnerPlan, RunnerProcess, cpu_flags, plan_runner, runner_key, split_cores
+from core.host.address import HostAddress
+from core.host.runner import RunnerError, RunnerPlan, RunnerProcess, cpu_flags, plan_runner, runner_key, split_cores
 from core.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("capibara6.host")

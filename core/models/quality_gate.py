@@ -8,7 +8,7 @@ Two measures, because each misses what the other sees:
   billion parameters; a 135M model is more fragile, so 5 % leaves room for that and still catches a broken scale,
   a wrong layout or a lost layer, which cost tens of percent or more.
 
-    python -m core.quality_gate [--config configs/embedded.json] [--expert phi4_fast] [--reference DIR]
+    python -m core.models.quality_gate [--config configs/embedded.json] [--expert phi4_fast] [--reference DIR]
                                 [--candidate DIR]
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 import aiohttp
 
 from core.config import EMBEDDED_CONFIG, ExpertConfig, load_config
-from core.model_prep import DEFAULT_OUTPUT as DEFAULT_REFERENCE
-from core.runner import RunnerProcess, cpu_flags, plan_runner, runner_key, split_cores
+from core.models.prepare import DEFAULT_OUTPUT as DEFAULT_REFERENCE
+from core.host.runner import RunnerProcess, cpu_flags, plan_runner, runner_key, split_cores
 
 PERPLEXITY_LIMIT = 1.05
 ANSWER_TOKENS = 48

@@ -96,8 +96,8 @@ def prepare_float32(output: Path, force: bool) -> None:
 def prepare_int8(float32: Path, output: Path, force: bool) -> None:
     """Quantise, then run the quality gate on this checkpoint with the embedded config's engine settings; a
     checkpoint that fails the gate is deleted, so nothing serves it."""
-    from core.quality_gate import run_quality_gate
-    from core.quantize import quantize_w8a8
+    from core.models.quality_gate import run_quality_gate
+    from core.models.quantize import quantize_w8a8
 
     if (output / MARKER).exists() and not force:
         print(f"model ready: {output}")

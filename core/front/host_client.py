@@ -20,8 +20,8 @@ import aiohttp
 import orjson
 
 from core.config import REPO_ROOT
-from core.host import Grant
-from core.host_address import HostAddress
+from core.host.model_host import Grant
+from core.host.address import HostAddress
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.config import AppConfig, ExpertConfig
-from core.host import Grant
-from core.host_client import HostClient, HostRefused, HostUnavailable
+from core.host.model_host import Grant
+from core.front.host_client import HostClient, HostRefused, HostUnavailable
 from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, invalid, unavailable)
 from core.router import RouteDecision, Router
-from core.stats import Stats
+from core.front.stats import Stats
 from core.upstream import Failure, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The HTTP surface shared by the three servers: routes, errors, auth, SSE, and the process entrypoint.
 
 Handlers only decode, call core, and encode: parsing lives in core.protocol, expert choice and
-generation in core.service (or core.consensus on 8084), engines in the model host (core.host).
+generation in core.front.service (or core.front.consensus on 8084), engines in the model host (core.host).
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from core.config import EMBEDDED_CONFIG, AppConfig, ConfigError, load_config
-from core.host_address import HostAddress
-from core.host_client import HostClient, HostRefused, HostUnavailable
+from core.host.address import HostAddress
+from core.front.host_client import HostClient, HostRefused, HostUnavailable
 from core.protocol import (SSE_DONE, APIError, decode_body, parse_chat_request, parse_completion_request,
                            sse_event, unavailable)
 from core.router import Router
-from core.service import CompletionService
-from core.stats import Stats
+from core.front.service import CompletionService
+from core.front.stats import Stats
 
 log = logging.getLogger("capibara6")
 SERVER_KINDS = ("standard", "streaming", "consensus")
@@ -56,7 +56,7 @@ class Api:
         self.host = HostClient(config_path, HostAddress.for_config(config_path, config))
         self.service = CompletionService(kind, config, self.host, Router.from_config(config), self.stats)
         if kind == "consensus":
-            from core.consensus import ConsensusService
+            from core.front.consensus import ConsensusService
             self.chat_jobs = ConsensusService(self.service).chat
         else:
             self.chat_jobs = self.service.chat
