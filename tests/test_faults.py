@@ -28,7 +28,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.config import EMBEDDED_CONFIG, ServerConfig, load_config
-from core.host.address import HostAddress
+from core.host.protocol import HostAddress
 from tests.conftest import (FAKE_MODELS, FLOAT32_DIR, REPO, FakeUpstream, Server, alive, fake_engine, free_port,
                             host_pids, make_config, write_config)
 

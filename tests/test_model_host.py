@@ -21,8 +21,9 @@ import requests
 
 from core.config import load_config
 from core.host.admission import Admission
-from core.host.model_host import HostError, ModelHost, State
-from bench.suite import suite_pss
+from core.host.lifecycle import HostError, RunnerPool, State
+from core.host.model_host import ModelHost
+from core.harness.processes import suite_pss
 from tests.conftest import (FakeUpstream, Server, alive, fake_engine, host_pids, make_config, process_tree,
                             write_config)
 
@@ -175,7 +176,7 @@ def test_idle_runners_are_stopped_down_to_the_pool_size_and_memory_returns(lifec
     assert chat(standard, RUNNER_B, max_tokens=4).status_code == 200
     assert chat(streaming, RUNNER_C, max_tokens=4).status_code == 200  # C is the most recently used
     stopped = process_tree(standard.models()[RUNNER_B]["engine"]["pid"])
-    loaded = suite_pss(path, [standard, streaming])
+    loaded = suite_pss(path, [standard.process.pid, streaming.process.pid])
     deadline = time.monotonic() + 180
     while standard.health()["experts"][RUNNER_B]["state"] == "ready":  # probes meanwhile do not count as use
         standard.stats()
@@ -185,7 +186,7 @@ def test_idle_runners_are_stopped_down_to_the_pool_size_and_memory_returns(lifec
     health = standard.health()["experts"]
     assert health[RUNNER_C]["state"] == "ready" and health[RUNNER_B]["state"] == "unloaded"
     assert not any(alive(pid) for pid in stopped)
-    after = suite_pss(path, [standard, streaming])
+    after = suite_pss(path, [standard.process.pid, streaming.process.pid])
     assert loaded - after > 300 * 2 ** 20, (loaded, after)
     assert states(standard)[RUNNER_B]["unloads"] == 1
 
@@ -296,8 +297,8 @@ def test_a_front_starts_a_new_host_if_its_host_dies(tmp_path, start_server, fake
 # ---------------------------------------------------------------- the host's own rules, in-process
 
 
-class InstantRunners(ModelHost):
-    """The host with runner processes replaced by a short sleep: for rules that do not depend on the engine."""
+class InstantRunners(RunnerPool):
+    """Runner processes replaced by a short sleep: for the host's rules that do not depend on the engine."""
 
     start_s = 0.2
     stop_s = 0.2
@@ -321,7 +322,8 @@ def distinct_runners(tmp_path: Path, **server) -> ModelHost:
     path, config = make_config(tmp_path, **server)
     for seed, expert in enumerate(config["experts"]):
         expert["engine"]["seed"] = seed
-    return InstantRunners(load_config(write_config(path, config)), tmp_path / "logs")
+    loaded = load_config(write_config(path, config))
+    return ModelHost(loaded, tmp_path / "logs", InstantRunners(loaded, tmp_path / "logs"))
 
 
 async def test_two_cold_starts_never_both_pass_the_cap(tmp_path):
@@ -346,13 +348,13 @@ async def test_a_failed_idle_unload_does_not_end_idle_unloading(tmp_path):
     for expert in (RUNNER_A, RUNNER_B):
         async with host.lease(expert):
             pass
-    host.fail_next_stop = True
+    host.pool.fail_next_stop = True
     host.start()
     deadline = time.monotonic() + 5
     while any(r.state is State.READY for r in host.runners.values()):
         assert time.monotonic() < deadline, {k: r.state for k, r in host.runners.items()}
         await asyncio.sleep(0.05)
-    assert host.fail_next_stop is False  # the first unload did fail, and the reaper went on
+    assert host.pool.fail_next_stop is False  # the first unload did fail, and the reaper went on
     await host.close()
 
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from core.config import load_config
-from core.host.address import HostAddress
+from core.host.protocol import HostAddress
 from core.protocol import ChatMessage
 from core.router import Router
 from core.upstream import Failure, Upstream, UpstreamError

@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from core.config import EMBEDDED_CONFIG, AppConfig, ConfigError, load_config
-from core.host.address import HostAddress
+from core.host.protocol import HostAddress
 from core.front.host_client import HostClient, HostRefused, HostUnavailable
 from core.protocol import (SSE_DONE, APIError, decode_body, parse_chat_request, parse_completion_request,
                            sse_event, unavailable)

@@ -20,8 +20,7 @@ import aiohttp
 import orjson
 
 from core.config import REPO_ROOT
-from core.host.model_host import Grant
-from core.host.address import HostAddress
+from core.host.protocol import Grant, HostAddress
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0

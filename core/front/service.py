@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.config import AppConfig, ExpertConfig
-from core.host.model_host import Grant
+from core.host.protocol import Grant
 from core.front.host_client import HostClient, HostRefused, HostUnavailable
 from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, invalid, unavailable)
 from core.router import RouteDecision, Router

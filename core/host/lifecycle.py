@@ -1,0 +1,323 @@
+"""Runner lifecycle: start, watch, restart with backoff, evict and stop the engines the host owns.
+
+Mechanism only: which runner to load and when is asked of it by the leases (`core.host.model_host`). A runner is
+marked loading before any await, so two concurrent callers share one start and the LRU cap counts it at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.config import AppConfig, ExpertConfig
+from core.host.runner import RunnerError, RunnerPlan, RunnerProcess, cpu_flags, plan_runner, runner_key, split_cores
+from core.upstream import Upstream, UpstreamError
+
+log = logging.getLogger("capibara6.host")
+HEALTHY_RUN_S = 60.0  # a runner that ran this long before crashing starts its backoff afresh
+_PATH = re.compile(r"(?:/[\w.@+-]+){2,}")
+
+
+class State(str, enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class HostError(Exception):
+    """A lease or admin action the host refuses; `code` says why (the host's HTTP layer picks the status)."""
+
+    def __init__(self, code: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass
+class Runner:
+    """One engine, shared by the experts whose model and engine settings are the same."""
+
+    key: str
+    config: ExpertConfig  # the first expert that uses it: model and engine settings
+    state: State = State.UNLOADED
+    process: RunnerProcess | None = None
+    base_url: str | None = None
+    plan: RunnerPlan | None = None
+    cores: str | None = None
+    loading: asyncio.Task | None = None
+    error: str | None = None
+    active: int = 0  # leases granted and not yet ended
+    waiting: int = 0  # leases queued for a concurrency slot of one of its experts
+    last_used: float = field(default_factory=time.monotonic)
+    loads: int = 0
+    load_failures: int = 0
+    unloads: int = 0
+    crashes: int = 0
+    retry_at: float = 0.0
+    last_load_s: float | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.config.engine.kind == "remote"
+
+    @property
+    def model(self) -> str:
+        """The name the runner serves the model under."""
+        return self.config.engine.remote_model if self.remote else self.key
+
+    @property
+    def occupies(self) -> bool:
+        """Counts against max_loaded_experts: a local runner that is up or coming up."""
+        return not self.remote and self.state in (State.LOADING, State.READY)
+
+    @property
+    def idle(self) -> bool:
+        return self.active == 0 and self.waiting == 0
+
+    def describe(self, pool: set[str]) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "key": self.key, "kind": self.config.engine.kind, "warm_pool": self.key in pool,
+            "pid": self.process.pid if self.process else None, "base_url": self.base_url,
+            "cores": self.cores, "active_requests": self.active,
+            "log": str(self.process.log_path) if self.process else None,
+            "effective": plan.effective if plan else None, "warnings": list(plan.warnings) if plan else [],
+        }
+
+
+class RunnerPool:
+    """Every runner of one configuration: one per distinct model and engine settings."""
+
+    def __init__(self, config: AppConfig, log_dir: Path):
+        self.config = config
+        self.log_dir = log_dir
+        self.runners: dict[str, Runner] = {}
+        for expert in config.experts:
+            key = runner_key(expert)
+            self.runners.setdefault(key, Runner(key, expert))
+        self.warm: set[str] = {runner_key(config.expert(e)) for e in config.server.warmup}
+        local = [r for r in self.runners.values() if not r.remote]
+        self._core_slots = split_cores(os.cpu_count() or 1, config.server.front_cores,
+                                       min(len(local), config.server.max_loaded_experts) or 1)
+        self._cpu = cpu_flags()
+        self._background: set[asyncio.Task] = set()
+        self.closing = False
+
+    def runner_of(self, expert: ExpertConfig) -> Runner:
+        return self.runners[runner_key(expert)]
+
+    # ------------------------------------------------------------ the pool's life
+
+    def start(self) -> None:
+        """Load the warm-up pool in the background and start the idle reaper."""
+        for key in sorted(self.warm):
+            self._spawn(self._warm(self.runners[key]))
+        self._spawn(self._reap_idle())
+
+    async def close(self) -> None:
+        self.closing = True
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for runner in self.runners.values():
+            if runner.loading and not runner.loading.done():
+                runner.loading.cancel()
+                await asyncio.gather(runner.loading, return_exceptions=True)
+        await asyncio.gather(*(self._stop(r) for r in self.runners.values()))
+
+    def kill_all(self) -> None:
+        """Last resort on the way out: no runner may outlive the host."""
+        for runner in self.runners.values():
+            if runner.process is not None:
+                runner.process.kill_now()
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _warm(self, runner: Runner) -> None:
+        try:
+            await self.ensure_loaded(runner, runner.config.load_timeout_s)
+        except HostError as error:
+            log.warning("warm-up of %s failed: %s", runner.key, error.message)
+
+    async def _reap_idle(self) -> None:
+        """Unload runners idle for idle_timeout_s, least recently used first, never below the warm pool's size."""
+        server = self.config.server
+        while True:
+            await asyncio.sleep(min(server.idle_check_interval_s, server.idle_timeout_s))
+            try:
+                await self._reap_once(time.monotonic())
+            except Exception:  # noqa: BLE001 - one failed unload must not end idle unloading for good
+                log.exception("idle unload failed; trying again at the next check")
+
+    async def _reap_once(self, now: float) -> None:
+        timeout = self.config.server.idle_timeout_s
+        loaded = sum(1 for r in self.runners.values() if r.occupies)
+        idle = sorted((r for r in self.runners.values()
+                       if r.state is State.READY and not r.remote and r.idle and now - r.last_used >= timeout),
+                      key=lambda r: r.last_used)
+        for runner in idle:
+            if loaded <= len(self.warm):
+                return
+            log.info("unloading %s after %.0f s idle", runner.key, now - runner.last_used)
+            await self.unload(runner)
+            loaded -= 1
+
+    # ------------------------------------------------------------ loading
+
+    async def ensure_loaded(self, runner: Runner, timeout: float) -> None:
+        """Return once the runner is ready: start it, or share the start already under way."""
+        if runner.state is State.READY:
+            return
+        if runner.loading is None or runner.loading.done():
+            wait = runner.retry_at - time.monotonic()
+            if runner.state is State.FAILED and wait > 0:
+                raise HostError("restart_backoff", f"the runner of this expert crashed ({runner.error}); it restarts "
+                                                   f"in {wait:.0f} s", max(1.0, wait))
+            runner.state, runner.error = State.LOADING, None  # before any await: it counts against the cap now
+            runner.loading = asyncio.create_task(self._load(runner))
+        try:
+            await asyncio.wait_for(asyncio.shield(runner.loading), timeout)
+        except TimeoutError:
+            raise HostError("expert_loading", f"runner {runner.key} is still loading; retry shortly", 5.0) from None
+        if runner.state is not State.READY:  # unloaded again between the load and this request
+            raise HostError("expert_unloaded", f"runner {runner.key} was unloaded; retry", 1.0)
+
+    async def _load(self, runner: Runner) -> None:
+        started = time.monotonic()
+        log.info("loading runner %s (%s)", runner.key, runner.config.model)
+        try:
+            await self._make_room(runner)
+        except BaseException:
+            runner.state = State.UNLOADED  # no room now: not a failure of this runner
+            raise
+        try:
+            if runner.remote:
+                await self._check_remote(runner)
+            else:
+                await self._start_local(runner)
+        except asyncio.CancelledError:
+            runner.state = State.UNLOADED
+            raise
+        except (RunnerError, UpstreamError, OSError) as error:
+            log.error("runner %s failed to load: %s", runner.key, error)
+            runner.state, runner.error = State.FAILED, _first_line(error)
+            runner.load_failures += 1
+            raise HostError("expert_load_failed", f"runner {runner.key} failed to load ({runner.error}); the next "
+                                                  "request will try again", 5.0) from None
+        runner.state, runner.last_used = State.READY, time.monotonic()
+        runner.loads += 1
+        runner.last_load_s = time.monotonic() - started
+        log.info("runner %s ready in %.1f s", runner.key, runner.last_load_s)
+
+    async def _check_remote(self, runner: Runner) -> None:
+        """Loading a remote expert is checking that the upstream answers and lists the model."""
+        options = runner.config.engine
+        upstream = Upstream(options.base_url or "", where=f"the upstream of runner {runner.key}",
+                            api_key_env=options.api_key_env, connect_timeout_s=options.connect_timeout_s,
+                            read_timeout_s=options.read_timeout_s)
+        try:
+            served = await upstream.models()
+        finally:
+            await upstream.close()
+        if runner.model not in served:
+            raise RunnerError(f"{upstream.base_url} does not serve the model '{runner.model}' "
+                              f"(it lists: {', '.join(served) or 'nothing'})")
+        runner.base_url = upstream.base_url
+        runner.plan = RunnerPlan((), {"base_url": upstream.base_url, "remote_model": runner.model,
+                                      "api_key_env": options.api_key_env}, ())
+
+    async def _start_local(self, runner: Runner) -> None:
+        plan = plan_runner(runner.config, self._cpu)
+        for warning in plan.warnings:
+            log.warning("%s: %s", runner.key, warning)
+        runner.cores = runner.config.engine.cpu_cores or self._free_cores()  # taken before any await
+        process = await RunnerProcess.start(runner.config, runner.key, plan, runner.cores, self.log_dir)
+        runner.process, runner.plan = process, plan
+        try:
+            await process.wait_ready(runner.config.load_timeout_s)
+        except BaseException:
+            runner.process = None
+            await process.stop(grace_s=5.0)
+            raise
+        runner.base_url = process.base_url
+        self._spawn(self._watch(runner, process))
+
+    def _free_cores(self) -> str:
+        """The first core set no other local runner holds (all runners share when there are more than sets)."""
+        taken = [r.cores for r in self.runners.values() if r.occupies and r.cores is not None]
+        for cores in self._core_slots:
+            if cores in taken:
+                taken.remove(cores)
+            else:
+                return cores
+        return self._core_slots[0]
+
+    async def _watch(self, runner: Runner, process: RunnerProcess) -> None:
+        """Crash detection: a runner that exits while it is meant to run is failed, and restarted with backoff."""
+        status = await process.process.wait()
+        if runner.process is not process:  # stopped on purpose
+            return
+        ran = time.monotonic() - process.started
+        runner.crashes = 1 if ran >= HEALTHY_RUN_S else runner.crashes + 1
+        server = self.config.server
+        backoff = 0.0 if runner.crashes == 1 else min(server.max_restart_backoff_s,
+                                                       server.restart_backoff_s * 2 ** (runner.crashes - 2))
+        how = f"signal {-status}" if status < 0 else f"status {status}"
+        runner.state, runner.error = State.FAILED, f"the runner (pid {process.pid}) exited with {how}"
+        runner.retry_at = time.monotonic() + backoff
+        runner.process, runner.base_url = None, None
+        process.kill_now()  # its engine-core children
+        log.error("runner %s crashed: %s; restart allowed in %.0f s", runner.key, runner.error, backoff)
+        if runner.key in self.warm and not self.closing:
+            await asyncio.sleep(backoff)
+            if runner.state is State.FAILED:
+                await self._warm(runner)
+
+    # ------------------------------------------------------------ unloading
+
+    async def _make_room(self, incoming: Runner) -> None:
+        """Keep at most max_loaded_experts local runners by unloading the least recently used idle one."""
+        if incoming.remote:
+            return
+        cap = self.config.server.max_loaded_experts
+        while sum(1 for r in self.runners.values() if r.occupies and r is not incoming) >= cap:
+            idle = [r for r in self.runners.values()
+                    if r is not incoming and r.occupies and r.state is State.READY and r.idle]
+            if not idle:
+                raise HostError("capacity", f"cannot load runner {incoming.key}: {cap} runners are loaded and all "
+                                            "are busy", 2.0)
+            victim = min(idle, key=lambda r: r.last_used)
+            log.info("evicting %s (least recently used) to load %s", victim.key, incoming.key)
+            await self.unload(victim)
+
+    async def unload(self, runner: Runner) -> None:
+        if runner.state is not State.READY:
+            return
+        runner.state = State.UNLOADED
+        await self._stop(runner)
+        runner.unloads += 1
+
+    async def _stop(self, runner: Runner) -> None:
+        process, runner.process, runner.base_url, runner.cores = runner.process, None, None, None
+        if process is not None:
+            await process.stop()
+            log.info("stopped runner %s (pid %d)", runner.key, process.pid)
+        if runner.state is State.READY:
+            runner.state = State.UNLOADED
+
+
+def _first_line(error: BaseException) -> str:
+    """An error as clients may read it: its first line, with file paths taken out."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return _PATH.sub("<path>", line)
