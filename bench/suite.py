@@ -1,5 +1,5 @@
-"""What the runner benchmarks share: bench configs, fronts started as processes, a streaming load generator,
-the suite's memory (PSS), and today's design before the runners (a git worktree of it) to measure beside ours.
+"""What the runner benchmarks share: bench configs, fronts started as processes, a streaming load generator, and
+today's design before the runners (a git worktree of it) to measure beside ours.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from typing import Any
 
 import aiohttp
 
-from core.models.prepare import DEFAULT_OUTPUT
+from core.models.paths import FLOAT32_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 # The float32 folder: the baseline of the decode bench, and the in-process design's model.
-MODEL_DIR = DEFAULT_OUTPUT
+MODEL_DIR = FLOAT32_MODEL
 # The last commit of the in-process design (three servers, each with its own engines): "today" in the benches.
 IN_PROCESS_DESIGN = "4336cc8"
 PROMPTS = ["Write a long story about a lighthouse keeper.", "Explain how a steam engine works, in detail.",
@@ -167,64 +167,6 @@ def messages(i: int) -> list[dict[str, str]]:
 
 # ---------------------------------------------------------------- memory
 
-
-def process_tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, ()))
-    return tree
-
-
-def pss_bytes(pids: set[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie waiting to be reaped."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def host_pids(config: str | Path) -> list[int]:
-    """The live model hosts serving a config file (our design only)."""
-    wanted = str(Path(config).resolve()).encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"core.host" in args and wanted in args and alive(int(entry.name)):
-                found.append(int(entry.name))
-    return found
-
-
-def suite_pss(config: Path, started: list[Front]) -> int:
-    """Fronts, the host and every runner process, shared pages counted once (PSS)."""
-    roots = [f.process.pid for f in started] + host_pids(config)
-    return pss_bytes({pid for root in roots for pid in process_tree(root)})
 
 
 # ---------------------------------------------------------------- today's design, for comparison

