@@ -13,8 +13,8 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from bench.suite import (bench_config, fronts, host_pids, in_process_config, in_process_design, load, messages,
-                         process_tree, suite_pss, wait_ready)
+from bench.suite import bench_config, fronts, in_process_config, in_process_design, load, messages, wait_ready
+from core.harness.processes import host_pids, process_tree, suite_pss
 
 KINDS = ("standard", "streaming", "consensus")
 WARM = ["phi4_fast", "qwen_coder"]
@@ -31,7 +31,7 @@ async def measure(config: Path, repo: Path | None) -> tuple[int, int]:
         await asyncio.sleep(2)
         roots = [f.process.pid for f in started] + host_pids(config)
         processes = len({pid for root in roots for pid in process_tree(root)})
-        return suite_pss(config, started), processes
+        return suite_pss(config, [f.process.pid for f in started]), processes
 
 
 async def main() -> None:

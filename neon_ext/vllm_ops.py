@@ -17,7 +17,6 @@ with fake implementations, so Dynamo can trace the model.
 
 from __future__ import annotations
 
-import os
 
 import torch
 from vllm.model_executor.custom_op import CustomOp, op_registry_oot

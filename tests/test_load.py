@@ -23,11 +23,11 @@ import aiohttp
 import pytest
 import requests
 
-from bench.bench_load import StreamResult, chat_body, stream_chat
+from core.harness.load import StreamResult, chat_body, stream_chat
 from core.config import load_config
 from core.protocol import ChatMessage
 from core.router import Router
-from tests.conftest import FakeUpstream, Server, fake_engine, make_config, process_tree, pss_bytes, write_config
+from tests.conftest import FakeUpstream, Server, fake_engine, make_config, process_tree, process_pss, write_config
 
 EXPERT = "qwen_coder"
 STREAMS = 64
@@ -159,7 +159,7 @@ def busy_seconds(pid: int) -> float:
 
 
 def tree_pss(pid: int) -> int:
-    return sum(pss_bytes(p) for p in process_tree(pid))
+    return sum(process_pss(p) for p in process_tree(pid))
 
 
 async def ask_consensus(url: str, count: int, max_tokens: int | None = None) -> list[tuple[int, dict]]:
@@ -231,7 +231,7 @@ def test_64_streams_with_a_quarter_leaving_mid_stream(fake_streaming_server, ups
     assert all(r.complete or r.disconnected for r in warm_up)
     requests_before, tokens_before = requests_and_tokens(wait_idle(server))
     upstream_before = len(upstream.requests())
-    before = pss_bytes(server.process.pid)
+    before = process_pss(server.process.pid)
 
     started = time.monotonic()
     with HealthProbe(server.url) as health:
@@ -249,7 +249,7 @@ def test_64_streams_with_a_quarter_leaving_mid_stream(fake_streaming_server, ups
     requests_after, tokens_after = requests_and_tokens(wait_idle(server))
     assert requests_after - requests_before == STREAMS
     assert 0 < tokens_after - tokens_before <= len(finished) * MAX_TOKENS, tokens_after - tokens_before
-    after = pss_bytes(server.process.pid)
+    after = process_pss(server.process.pid)
     assert abs(after - before) <= 0.10 * before, (before, after)
     assert server.health()["experts"][EXPERT] == {"state": "ready", "error": None}
 
@@ -357,7 +357,7 @@ def test_real_engine_64_streams_with_a_quarter_leaving_mid_stream(vllm_streaming
     warm_up = asyncio.run(run_streams(server.url, body))
     assert all(r.complete or r.disconnected for r in warm_up)
     requests_before, tokens_before = requests_and_tokens(wait_idle(server))
-    front_before, runner_before = pss_bytes(server.process.pid), tree_pss(runner)
+    front_before, runner_before = process_pss(server.process.pid), tree_pss(runner)
 
     started = time.monotonic()
     with HealthProbe(server.url) as health:
@@ -373,7 +373,7 @@ def test_real_engine_64_streams_with_a_quarter_leaving_mid_stream(vllm_streaming
     time.sleep(1.0)
     busy = busy_seconds(runner)  # ... nor in the runner: the streams that lost their client were aborted
     assert busy <= idle_before + IDLE_CPU_MARGIN_S, (idle_before, busy)
-    front_after, runner_after = pss_bytes(server.process.pid), tree_pss(runner)
+    front_after, runner_after = process_pss(server.process.pid), tree_pss(runner)
     assert abs(front_after - front_before) <= 0.10 * front_before, (front_before, front_after)
     assert abs(runner_after - runner_before) <= 0.10 * runner_before, (runner_before, runner_after)
     assert server.runner_pid(EXPERT) == runner

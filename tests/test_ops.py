@@ -22,7 +22,7 @@ SCRIPTS = REPO / "start_scripts"
 KINDS = {"standard": ("start_all_models_server.sh", "multi_model_server.log"),
          "streaming": ("start_streaming_server.sh", "streaming_server.log"),
          "consensus": ("start_consensus_server.sh", "consensus_server.log")}
-AXION = [sys.executable, str(REPO / "bench" / "arm_axion_improvements.py")]
+AXION = [sys.executable, str(REPO / "core" / "axion_improvements.py")]
 PROFILE = json.loads((REPO / "configs" / "axion_profile.json").read_text())
 
 
@@ -201,7 +201,7 @@ def test_axion_rewrite_of_the_production_config_passes_validation(tmp_path):
 @pytest.mark.parametrize("target, fp8_honoured", [("arm", False), ("x86-avx2", False), ("x86-avx512", True),
                                                   ("gpu", True)])
 def test_axion_target_report_says_what_the_platform_cannot_honour(target, fp8_honoured, tmp_path, capsys):
-    from bench.arm_axion_improvements import main
+    from core.axion_improvements import main
     assert main([str(REPO / "configs" / "config.json"), "--dry-run", "--target", target]) == 0
     report = capsys.readouterr().err
     assert f"target {target}" in report
@@ -228,7 +228,7 @@ def test_axion_dry_run_prints_a_diff_and_writes_nothing(tmp_path):
 
 
 def test_axion_never_writes_a_config_that_fails_validation(tmp_path, capsys):
-    from bench.arm_axion_improvements import main
+    from core.axion_improvements import main
     profile = write_config(tmp_path / "profile.json", {"engine": {"kv_cache_dtype": "fp4"}})
     output = tmp_path / "out.json"
     with pytest.raises(SystemExit) as exit_info:
@@ -238,7 +238,7 @@ def test_axion_never_writes_a_config_that_fails_validation(tmp_path, capsys):
 
 
 def test_axion_leaves_non_vllm_experts_alone(tmp_path, capsys):
-    from bench.arm_axion_improvements import main
+    from core.axion_improvements import main
     path, data = make_config(tmp_path)
     remote = {"kind": "remote", "base_url": "http://10.0.0.5:8000", "remote_model": "aya_expanse_multilingual"}
     data["experts"][4]["engine"] = remote
