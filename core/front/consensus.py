@@ -15,18 +15,43 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 
-from core.config import ExpertConfig
+from core.config import AppConfig, ExpertConfig
 from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, invalid, new_id, render_chat_chunk,
                            render_chat_response, unavailable)
-from core.front.service import CHAT_PATH, CompletionService, Job
+from core.front.service import CHAT_PATH, Answer, Job
+from core.front.stats import Stats
+from core.router import RouteDecision
 
 log = logging.getLogger(__name__)
+
+
+class ExpertCalls(Protocol):
+    """All that consensus asks of the completion pipeline (`CompletionService`): route, build a body, call one
+    expert whole or streamed, and serve a named model as usual. The pipeline never calls consensus."""
+
+    config: AppConfig
+    stats: Stats
+
+    def chat(self, request: ChatCompletionRequest) -> Job: ...
+
+    def route_chat(self, request: ChatCompletionRequest) -> RouteDecision: ...
+
+    def chat_body(self, expert: ExpertConfig, request: ChatCompletionRequest, messages: Sequence[ChatMessage],
+                  **overrides: Any) -> dict[str, Any]: ...
+
+    async def chat_answer(self, expert: ExpertConfig, request: ChatCompletionRequest,
+                          messages: Sequence[ChatMessage], **overrides: Any) -> Answer: ...
+
+    async def complete(self, expert: ExpertConfig, path: str, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def stream(self, expert: ExpertConfig, path: str, body: dict[str, Any], include_usage: bool
+               ) -> AsyncIterator[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -171,7 +196,7 @@ def synthesis_messages(messages: Sequence[ChatMessage], answers: Sequence[Candid
 class ConsensusService:
     """The chat handler of the consensus server. Everything else on 8084 is the ordinary service."""
 
-    def __init__(self, service: CompletionService):
+    def __init__(self, service: ExpertCalls):
         self.service = service
 
     def chat(self, request: ChatCompletionRequest) -> Job | ConsensusJob:
@@ -206,7 +231,7 @@ class ConsensusService:
 class ConsensusJob:
     """One consensus request. It renders like `Job`, plus a `consensus` object that says how the answer came about."""
 
-    def __init__(self, service: CompletionService, request: ChatCompletionRequest, plan: Plan):
+    def __init__(self, service: ExpertCalls, request: ChatCompletionRequest, plan: Plan):
         self.service = service
         self.settings = service.config.consensus
         self.request = request
