@@ -8,11 +8,13 @@ from core.config import load_config
 from core.host.runner import cpu_preloads, is_int8_checkpoint, plan_runner
 from tests.conftest import FLOAT32_DIR, MODEL_DIR, REPO
 
-AVX2 = {"x86": True, "arm": False, "arm_bf16": False, "avx512": False, "avx512_bf16": False, "amx": False, "gpu": False}
-ZEN4 = {**AVX2, "avx512": True, "avx512_bf16": True}
+AVX2 = {"x86": True, "arm": False, "arm_bf16": False, "avx512": False, "avx512_bf16": False, "amx": False, "gpu": False,
+        "bf16": False}
+ZEN4 = {**AVX2, "avx512": True, "avx512_bf16": True, "bf16": True}
 SAPPHIRE_RAPIDS = {**ZEN4, "amx": True}
-AXION = {**AVX2, "x86": False, "arm": True, "arm_bf16": True}
-GRAVITON2 = {**AXION, "arm_bf16": False}
+AMX_CAPPED_TO_AVX2 = {**SAPPHIRE_RAPIDS, "bf16": False}  # ONEDNN_MAX_CPU_ISA=AVX2 on an AMX box
+AXION = {**AVX2, "x86": False, "arm": True, "arm_bf16": True, "bf16": True}
+GRAVITON2 = {**AXION, "arm_bf16": False, "bf16": False}
 
 
 def default_expert():
@@ -43,7 +45,9 @@ def test_eager_runners_skip_compilation():
 def test_bfloat16_falls_back_to_float32_without_avx512_bf16():
     plan = plan_runner(default_expert(), AVX2)
     assert plan.effective["dtype"] == "float32"
-    assert any("without AVX512-BF16" in w for w in plan.warnings)
+    assert any("without native bfloat16" in w for w in plan.warnings)
+    assert plan_runner(default_expert(), AMX_CAPPED_TO_AVX2).effective["dtype"] == "bfloat16", \
+        "int8 on AMX hardware still needs bfloat16: vLLM picks its AMX kernel by the hardware, not the cap"
 
 
 def test_bfloat16_on_arm_needs_the_bf16_extension():
@@ -78,3 +82,17 @@ def test_preloads_are_the_installed_allocator_and_openmp_runtime():
     assert plan.env.get("LD_PRELOAD", "") == ":".join(preloads)
     assert plan.effective["preload"] == [Path(lib).name for lib in preloads]
     assert "LD_PRELOAD" not in plan_runner(default_expert(), {**AVX2, "gpu": True}).env
+
+
+def test_cpu_flags_honour_the_isa_caps_used_to_emulate_other_cpus(monkeypatch):
+    from core.host.runner import cpu_flags, cpu_path
+
+    native = cpu_flags()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    capped = cpu_flags()
+    assert capped["bf16"] is False and capped["amx"] == native["amx"]
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in cpu_path()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    assert cpu_flags()["bf16"] == native["bf16"]

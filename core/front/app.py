@@ -124,7 +124,9 @@ class Api:
                                   "experts": {e.id: {"state": "unknown", "error": "the model host is unreachable"}
                                               for e in self.config.experts}})
         return json_response({"status": "ok", "server": self.kind,
-                              "experts": {k: {"state": v["state"], "error": v["error"]} for k, v in states.items()}})
+                              "experts": {k: {"state": v["state"], "error": v["error"],
+                                                  "precision": (v["runner"].get("effective") or {}).get("precision")}
+                                              for k, v in states.items()}})
 
     async def models(self, request: web.Request) -> web.Response:
         states = await self._states() or {}

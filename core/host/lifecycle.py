@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from core.config import AppConfig, ExpertConfig
-from core.host.runner import RunnerError, RunnerPlan, RunnerProcess, cpu_flags, plan_runner, runner_key, split_cores
+from core.host.runner import (RunnerError, RunnerPlan, RunnerProcess, cpu_flags, cpu_path, plan_runner, runner_key,
+                              split_cores)
+from core.models.verdict import read_verdict
 from core.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("capibara6.host")
@@ -110,6 +112,13 @@ class RunnerPool:
         self._cpu = cpu_flags()
         self._background: set[asyncio.Task] = set()
         self.closing = False
+        for runner in local:  # what each would serve, shown before its first start
+            runner.plan = self.plan(runner)
+
+    def plan(self, runner: Runner) -> RunnerPlan:
+        """The runner's flags on this machine, with the quality gate's verdict on its checkpoint (read anew at
+        every start, so a new `make models` takes effect without restarting the host)."""
+        return plan_runner(runner.config, self._cpu, read_verdict(runner.config.model, cpu_path()))
 
     def runner_of(self, expert: ExpertConfig) -> Runner:
         return self.runners[runner_key(expert)]
@@ -234,11 +243,11 @@ class RunnerPool:
             raise RunnerError(f"{upstream.base_url} does not serve the model '{runner.model}' "
                               f"(it lists: {', '.join(served) or 'nothing'})")
         runner.base_url = upstream.base_url
-        runner.plan = RunnerPlan((), {"base_url": upstream.base_url, "remote_model": runner.model,
+        runner.plan = RunnerPlan(runner.model, (), {"base_url": upstream.base_url, "remote_model": runner.model,
                                       "api_key_env": options.api_key_env}, ())
 
     async def _start_local(self, runner: Runner) -> None:
-        plan = plan_runner(runner.config, self._cpu)
+        plan = self.plan(runner)
         for warning in plan.warnings:
             log.warning("%s: %s", runner.key, warning)
         runner.cores = runner.config.engine.cpu_cores or self._free_cores()  # taken before any await

