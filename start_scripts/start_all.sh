@@ -24,6 +24,15 @@ for kind in "${CAPIBARA_KINDS[@]}"; do
     fi
 done
 
+if [[ -n ${urls[standard]:-} ]]; then
+    # The warm pool comes up in the background; wait for it, so that the first request is not a cold start.
+    warm=$("$CAPIBARA_PYTHON" -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["server"]["warmup"]))' \
+        "$(realpath -m "${CAPIBARA_CONFIG:-$CAPIBARA_REPO/configs/embedded.json}")")
+    echo "waiting for the warm pool: $warm"
+    # shellcheck disable=SC2086
+    "$CAPIBARA_PYTHON" -m core.harness.ready "${urls[standard]}" $warm || failed=1
+fi
+
 messages='"messages": [{"role": "user", "content": "Write a haiku about capybaras"}]'
 auth=${CAPIBARA_API_KEY:+ -H \"Authorization: Bearer \$CAPIBARA_API_KEY\"}
 echo

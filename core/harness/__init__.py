@@ -1,2 +1,2 @@
-"""Drives a running suite from the outside, for bench/ and tests/ alike: process inspection and a streaming load.
-Never imported by the servers."""
+"""Drives a running suite from the outside, for bench/, tests/ and the start scripts: process inspection, a
+streaming load, waiting for the warm pool. Never imported by the servers."""
