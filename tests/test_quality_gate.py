@@ -137,7 +137,7 @@ def test_a_failed_gate_still_serves_on_the_fallback_and_says_so(failed_gate, tmp
     if "top1" in figures:  # the int8 engine ran: real measurements, failed by the threshold alone
         assert "top-1 agreement" in verdict.why and 0.5 < figures["top1"] < 1.0 and figures["facts_reference"] >= 30
     else:  # an emulated CPU path where vLLM's int8 kernels cannot run (see the README): that failure is the verdict
-        assert "engine failed" in verdict.why, verdict
+        assert "did not run" in verdict.why, verdict
     path, config = make_config(tmp_path, warmup=["phi4_fast"])
     for expert in config["experts"]:
         expert["model"] = str(models / MODEL_DIR.name)

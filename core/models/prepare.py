@@ -142,7 +142,9 @@ def _judge(float32: Path, int8: Path, here: str, force_int8: bool) -> Verdict:
         figures, why = figures_of(result), None
     except CandidateFailed as error:
         print(error, file=sys.stderr)
-        result, figures, why = None, {"failures": [str(error).splitlines()[0]]}, "the int8 engine failed to run"
+        first = str(error).splitlines()[0]
+        result, figures = None, {"failures": [first]}
+        why = f"int8 failed the quality gate on this CPU (its engine did not run: {first})"
     if result is not None and result.passed:
         return Verdict(True, int8.name, "auto", "int8 passed the quality gate on this CPU", here, figures)
     why = why or "int8 failed the quality gate on this CPU (" + "; ".join(result.failures) + ")"
