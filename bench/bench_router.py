@@ -1,12 +1,11 @@
 """The router: how long it takes to build, how often it is right on prompts it never saw, and how fast it decides.
 
-Prints the start-up cost (lingua's models, the embedding table, the two stages' training), top-1 and within-acceptable
-accuracy on the independent set (tests/router_independent.jsonl, another voice, never trained on), cross-validation
+Prints the start-up cost (lingua's models and the classifier's training), top-1 and within-acceptable accuracy on the
+independent set (tests/router_independent.jsonl, another voice, never trained on) with its misses, cross-validation
 on the corpus grouped by paraphrase, top-1 on the held-out corpus with its confusion matrix and per-language
-accuracy, each with TF-IDF alone and with the embedding stage; how often consensus would ask the multimodal expert,
-lingua's accuracy and cost on short texts, and p50/p99 decision time (wall clock and CPU) of each path on held-out,
-short and 2,000-char prompts and a five-turn conversation. Targets: independent top-1 >= 95 % and within acceptable
->= 98 %, p99 < 1 ms on the TF-IDF path and < 5 ms with the embedding stage.
+accuracy, how often consensus would ask the multimodal expert, lingua's accuracy and cost on short texts, and p50/p99
+decision time (wall clock and CPU) on held-out, independent, short and 2,000-char prompts and a five-turn
+conversation. Targets: independent top-1 >= 95 % and within acceptable >= 98 %, p99 < 1 ms.
 
 Run from the repository root: ``.venv/bin/python -m bench.bench_router``.
 """
@@ -17,14 +16,13 @@ import os
 import statistics
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import scipy.sparse
 
 from core.config import EMBEDDED_CONFIG, load_config
 from core.protocol import ChatMessage
-from core.router import Router, dataset, embedding, evaluation, language, policy
+from core.router import Router, dataset, evaluation, language
 from core.router.policy import AGREEMENT, ENGLISH_FLOOR
 
 SHORT = (  # about 50 characters each, one per kind of decision
@@ -77,34 +75,17 @@ def _timed(call: Callable[[], object], rounds: int) -> tuple[list[float], list[f
     return wall, cpu
 
 
-PATHS = {"TF-IDF alone": 0.0, "with the embedding stage": policy.GATE}  # GATE 0: the embedding stage is never asked
-ALWAYS_EMBED = 1.01  # the embedding stage asked on every decision: its path's cost
-
-
-@contextmanager
-def _gate(value: float) -> Iterator[None]:
-    """Route with another GATE for a while (the bench is single-threaded)."""
-    kept, policy.GATE = policy.GATE, value
-    try:
-        yield
-    finally:
-        policy.GATE = kept
-
-
-def _build(config_path: str) -> tuple[Router, float, float, float]:
-    """The router, lingua's and the embedding table's load times and both stages' training time (seconds)."""
+def _build(config_path: str) -> tuple[Router, float, float]:
+    """The router, lingua's load time and the classifier's training time (seconds)."""
     started = time.perf_counter()
     language.preload()
-    lingua = time.perf_counter()
-    embedding.preload()
-    table = time.perf_counter()
+    loaded = time.perf_counter()
     router = Router.from_config(load_config(config_path))
-    return router, lingua - started, table - lingua, time.perf_counter() - table
+    return router, loaded - started, time.perf_counter() - loaded
 
 
-def _generalisation(router: Router, config_path: str, train: Sequence[dataset.Example],
-                    heldout: Sequence[dataset.Example]) -> None:
-    """The independent set, grouped cross-validation and the held-out split, with each path."""
+def _generalisation(router: Router, config_path: str, train: Sequence[dataset.Example]) -> None:
+    """The independent set (with its misses) and cross-validation on the corpus grouped by paraphrase."""
     config = load_config(config_path)
     domain_of = {e.id: e.domain.lower() for e in config.experts}
     independent = evaluation.load_independent()
@@ -124,20 +105,15 @@ def _generalisation(router: Router, config_path: str, train: Sequence[dataset.Ex
           f"multi-turn")
     print(f"grouped {len(folds)}-fold cross-validation on the training corpus: {sum(sizes.values())} paraphrase "
           f"groups ({sum(n for size, n in sizes.items() if size > 1)} of 2-{max(sizes)} prompts)")
-    for name, gate in PATHS.items():
-        with _gate(gate):
-            print(f"  {name}")
-            found = evaluation.score(route(router), independent)
-            print(f"    independent set: {found.line()}")
-            folded = [evaluation.score(route(fitted), [evaluation.as_case(train[i]) for i in test])
-                      for fitted, (_, test) in zip(routers, folds)]
-            right, total = sum(f.top1 for f in folded), sum(f.total for f in folded)
-            print(f"    grouped CV: top-1 {right}/{total} = {right / total:.1%} "
-                  f"(folds {', '.join(f'{f.top1 / f.total:.1%}' for f in folded)})")
-            held = evaluation.score(route(router), [evaluation.as_case(e) for e in heldout])
-            print(f"    held-out split: {held.line()}")
-    print("  independent misses (with the embedding stage):")
-    for case, domain, reason in evaluation.score(route(router), independent).misses:
+    found = evaluation.score(route(router), independent)
+    print(f"  independent set: {found.line()}")
+    folded = [evaluation.score(route(fitted), [evaluation.as_case(train[i]) for i in test])
+              for fitted, (_, test) in zip(routers, folds)]
+    right, total = sum(f.top1 for f in folded), sum(f.total for f in folded)
+    print(f"  grouped CV: top-1 {right}/{total} = {right / total:.1%} "
+          f"(folds {', '.join(f'{f.top1 / f.total:.1%}' for f in folded)})")
+    print("  independent misses (best -> routed to, reason, last turn):")
+    for case, domain, reason in found.misses:
         print(f"    {case.best:>12} -> {domain:<12} {reason[:28]:<28} {case.messages[-1].text[:70]!r}")
 
 
@@ -218,20 +194,16 @@ def _latency(router: Router, rounds: int, examples: Sequence[dataset.Example]) -
         "5-turn chat": [CONVERSATION],
     }
     print(f"\ndecision time (load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)")
-    for name, gate in (("TF-IDF path (embedding stage never asked)", 0.0),
-                       ("embedding path (asked on every decision)", ALWAYS_EMBED),
-                       (f"as shipped (embedding stage below {policy.GATE})", policy.GATE)):
-        print(f"{name}\n{'prompts':<20} {'decisions':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU p50':>8} {'CPU p99':>8}")
-        with _gate(gate):
-            for label, prompts in cases.items():
-                wall, cpu = [], []
-                per_prompt = max(1, rounds // len(prompts))
-                for messages in prompts:
-                    w, c = _timed(lambda: router.route(messages), per_prompt)
-                    wall += w
-                    cpu += c
-                (w50, w99), (c50, c99) = _quantiles(wall), _quantiles(cpu)
-                print(f"{label:<20} {len(wall):>10} {w50:>8.3f} {w99:>8.3f} {c50:>8.3f} {c99:>8.3f}")
+    print(f"{'prompts':<20} {'decisions':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU p50':>8} {'CPU p99':>8}")
+    for name, prompts in cases.items():
+        wall, cpu = [], []
+        per_prompt = max(1, rounds // len(prompts))
+        for messages in prompts:
+            w, c = _timed(lambda: router.route(messages), per_prompt)
+            wall += w
+            cpu += c
+        (w50, w99), (c50, c99) = _quantiles(wall), _quantiles(cpu)
+        print(f"{name:<20} {len(wall):>10} {w50:>8.3f} {w99:>8.3f} {c50:>8.3f} {c99:>8.3f}")
     classifier = router._classifier
     wall, _ = _timed(lambda: [classifier.probabilities(classifier.scores(text).values) for text in SHORT], 200)
     ours = statistics.median(wall) / len(SHORT)
@@ -245,18 +217,17 @@ def _latency(router: Router, rounds: int, examples: Sequence[dataset.Example]) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=str(EMBEDDED_CONFIG))
-    parser.add_argument("--rounds", type=int, default=3000, help="decisions timed per row")
+    parser.add_argument("--rounds", type=int, default=6000, help="decisions timed per row")
     args = parser.parse_args()
 
-    router, lingua_s, table_s, training_s = _build(args.config)
+    router, lingua_s, training_s = _build(args.config)
     config = load_config(args.config)
     train, heldout = dataset.load(dataset.TRAIN), dataset.load(dataset.HELDOUT)
     own = sum(len(e.routing.examples) + len(e.routing.keywords) for e in config.experts)
-    print(f"start-up: lingua's models {lingua_s:.2f} s, MiniLM's tokenizer and token table {table_s:.2f} s, "
-          f"both stages trained in {training_s:.2f} s ({len(train)} corpus prompts + {own} config examples and "
-          f"keywords)")
+    print(f"start-up: lingua's models {lingua_s:.2f} s, classifier trained in {training_s:.2f} s "
+          f"({len(train)} corpus prompts + {own} config examples and keywords)")
     by_domain = {e.domain.lower(): e.id for e in config.experts}
-    _generalisation(router, args.config, train, heldout)
+    _generalisation(router, args.config, train)
     _accuracy(router, by_domain, heldout)
     _language(router, train, heldout)
     _latency(router, args.rounds, heldout)
