@@ -43,7 +43,7 @@ def test_route_explains_without_generating(fake_server, fake_upstream):
     assert decision["expert"] == "qwen_coder" and decision["ranking"][0] == "qwen_coder"
     assert set(decision["scores"]) == {"phi4_fast", "mistral_balanced", "qwen_coder", "gemma3_multimodal",
                                        "aya_expanse_multilingual"}
-    assert decision["reason"] and decision["elapsed_ms"] < 50
+    assert decision["reason"] and decision["stage"] == "rules" and decision["elapsed_ms"] < 50
     prompt = requests.post(fake_server.url + "/v1/route", json={"prompt": "def add(a, b): return a + b"},
                            timeout=10).json()
     assert prompt["expert"] == "qwen_coder"
@@ -51,6 +51,19 @@ def test_route_explains_without_generating(fake_server, fake_upstream):
     assert len(fake_upstream.requests()) == upstream_before
     stats = fake_server.stats()["routing"]
     assert stats["decisions"]["qwen_coder"] >= 1 and stats["latency_ms"]["p99"] is not None
+
+
+def test_route_says_what_decided(fake_server):
+    """The stage: "rules" when a structural signal decided, "tfidf" when the classifier did."""
+    def route(content: str) -> dict:
+        body = {"messages": [{"role": "user", "content": content}]}
+        return requests.post(fake_server.url + "/v1/route", json=body, timeout=10).json()
+
+    classifier = route("Explain how TCP congestion control reacts to packet loss.")
+    assert (classifier["expert"], classifier["reason"], classifier["stage"]) == ("mistral_balanced", "classifier",
+                                                                                 "tfidf")
+    foreign = route("¿Cuál es la mejor época para visitar Sevilla y qué debo ver allí?")
+    assert (foreign["expert"], foreign["stage"]) == ("aya_expanse_multilingual", "rules")
 
 
 def test_image_goes_to_the_multimodal_expert_which_says_it_cannot_read_it(fake_server):
@@ -62,3 +75,4 @@ def test_image_goes_to_the_multimodal_expert_which_says_it_cannot_read_it(fake_s
     assert error["code"] == "images_not_supported" and "gemma3_multimodal" in error["message"]
     decision = requests.post(fake_server.url + "/v1/route", json=body, timeout=10).json()
     assert decision["expert"] == "gemma3_multimodal" and decision["reason"] == "image content"
+    assert decision["stage"] == "rules"

@@ -158,7 +158,7 @@ class Api:
             decision = self.service.route_chat(parse_chat_request(body))
         else:
             decision = self.service.route_prompt(parse_completion_request(body))
-        return json_response({"expert": decision.expert, "reason": decision.reason,
+        return json_response({"expert": decision.expert, "reason": decision.reason, "stage": decision.stage,
                               "confidence": decision.confidence, "scores": decision.scores,
                               "ranking": list(decision.ranking()), "elapsed_ms": decision.elapsed_ms})
 
