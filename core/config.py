@@ -60,6 +60,14 @@ class EngineOptions(_Strict):
     # The runner's tool-call parser (vLLM's --tool-call-parser, e.g. "hermes"); without one, `tools` with
     # tool_choice "auto" are refused by the runner, while a forced tool_choice still works.
     tool_call_parser: str | None = Field(None, pattern=r"^[a-z0-9_]+$")
+    # How far vLLM's structured outputs constrain tool calls (--tool-strict-level). "parameter" pins every tool's
+    # argument schema, as if each tool said "strict": true, which agents (n8n, MCP clients) never send: a forced
+    # tool choice then always gives arguments that parse and validate. "auto" pins only tools marked strict.
+    tool_strict_level: Literal["auto", "function", "parameter"] = "parameter"
+    # Constrained JSON (tool arguments, response_format) without free whitespace between tokens (xgrammar's
+    # disable_any_whitespace): a small model otherwise spends its token budget on newlines inside the JSON and is
+    # cut off before the call closes (SmolLM2 did, at 120 tokens, through every front).
+    compact_json: bool = True
     # OpenMP cores of this expert's runner (VLLM_CPU_OMP_THREADS_BIND, e.g. "0-3"); None splits the cores.
     cpu_cores: str | None = Field(None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
     # vLLM's model worker in a process of its own (vLLM's default on CPU). Off, it runs in the engine-core
@@ -101,6 +109,12 @@ class ExpertConfig(_Strict):
     max_queue: int = Field(32, ge=0)
     load_timeout_s: float = Field(600.0, gt=0.0)
     request_timeout_s: float = Field(300.0, gt=0.0)
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether a request with tools may go to this expert: its runner parses tool calls (a remote upstream is
+        taken to speak OpenAI's tools as it is)."""
+        return self.engine.kind == "remote" or self.engine.tool_call_parser is not None
 
 
 class RouterConfig(_Strict):
