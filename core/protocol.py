@@ -206,6 +206,9 @@ class _Generation(_Model):
     spaces_between_special_tokens: bool | None = None
     response_format: ResponseFormat | None = None
     priority: int | None = Field(None, ge=-1000, le=1000)
+    # Ours: keep the engine's own fields (vLLM's token_ids, prompt_logprobs, kv_transfer_params, ...) in the
+    # response; by default a response has OpenAI's fields only.
+    engine_fields: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -266,6 +269,11 @@ class ChatCompletionRequest(_Generation):
             if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
                 raise ValueError(f"names the function '{choice.function.name}', which is not in tools")
         return choice
+
+    @property
+    def calls_tools(self) -> bool:
+        """The answer may be a tool call: tools are given and tool_choice is not "none"."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def has_images(self) -> bool:
@@ -379,7 +387,7 @@ def new_id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-def render_chat_response(model: str, text: str, finish_reason: str | None, usage: dict[str, int],
+def render_chat_response(model: str, text: str | None, finish_reason: str | None, usage: dict[str, int],
                          **extra: Any) -> dict[str, Any]:
     """A chat completion we write ourselves (consensus's medoid answer); relayed answers keep the runner's."""
     return {"id": new_id("chat"), "object": "chat.completion", "created": int(time.time()), "model": model,
@@ -394,6 +402,38 @@ def render_chat_chunk(chunk_id: str, model: str, text: str | None, finish_reason
         delta["content"] = text
     return {"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
+
+
+# OpenAI's response fields, level by level; `consensus` is our own documented extension on 8084.
+_RESPONSE = {"id", "object", "created", "model", "choices", "usage", "system_fingerprint", "service_tier",
+             "consensus", "error"}
+_CHOICE = {"index", "message", "delta", "text", "logprobs", "finish_reason"}
+_MESSAGE = {"role", "content", "refusal", "tool_calls", "function_call", "annotations", "audio"}
+_TOOL_CALL = {"index", "id", "type", "function"}
+_USAGE = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details", "completion_tokens_details"}
+
+
+def openai_fields(payload: dict[str, Any]) -> dict[str, Any]:
+    """A response or chunk with only the fields OpenAI's schema has: the OpenAI client and agents parse these, and
+    the engine's own (token ids, routed experts, KV transfer parameters) are internals."""
+    out = {k: v for k, v in payload.items() if k in _RESPONSE}
+    if isinstance(out.get("usage"), dict):
+        out["usage"] = {k: v for k, v in out["usage"].items() if k in _USAGE}
+    if isinstance(out.get("choices"), list):
+        out["choices"] = [_openai_choice(c) if isinstance(c, dict) else c for c in out["choices"]]
+    return out
+
+
+def _openai_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in choice.items() if k in _CHOICE}
+    for key in ("message", "delta"):
+        if isinstance(out.get(key), dict):
+            message = {k: v for k, v in out[key].items() if k in _MESSAGE}
+            if isinstance(message.get("tool_calls"), list):
+                message["tool_calls"] = [{k: v for k, v in call.items() if k in _TOOL_CALL}
+                                         if isinstance(call, dict) else call for call in message["tool_calls"]]
+            out[key] = message
+    return out
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:

@@ -21,8 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from core.config import EMBEDDED_CONFIG, AppConfig, ConfigError, load_config
 from core.host.protocol import HostAddress
 from core.front.host_client import HostClient, HostRefused, HostUnavailable
-from core.protocol import (SSE_DONE, APIError, decode_body, parse_chat_request, parse_completion_request,
-                           sse_event, unavailable)
+from core.protocol import (SSE_DONE, APIError, decode_body, openai_fields, parse_chat_request,
+                           parse_completion_request, sse_event, unavailable)
 from core.router import Router
 from core.front.service import CompletionService
 from core.front.stats import Stats
@@ -146,11 +146,11 @@ class Api:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_chat_request(decode_body(await request.read()))
-        return await self._respond(request, self.chat_jobs(parsed))
+        return await self._respond(request, self.chat_jobs(parsed), parsed.engine_fields)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_completion_request(decode_body(await request.read()))
-        return await self._respond(request, self.service.completion(parsed))
+        return await self._respond(request, self.service.completion(parsed), parsed.engine_fields)
 
     async def route(self, request: web.Request) -> web.Response:
         body = decode_body(await request.read())
@@ -168,9 +168,10 @@ class Api:
             raise APIError(404, f"The model '{expert_id}' does not exist", param="expert", code="model_not_found")
         return json_response({"id": expert_id, **await self.host.admin(expert_id, action)})
 
-    async def _respond(self, request: web.Request, job) -> web.StreamResponse:
+    async def _respond(self, request: web.Request, job, engine_fields: bool) -> web.StreamResponse:
+        shape = (lambda payload: payload) if engine_fields else openai_fields
         if not job.streaming:
-            return json_response(await job.complete(), headers=job.headers())
+            return json_response(shape(await job.complete()), headers=job.headers())
         async with aclosing(job.stream()) as events:
             first = await anext(events, None)  # errors before the first chunk are ordinary JSON errors
             response = web.StreamResponse(headers={**job.headers(), "Content-Type": "text/event-stream",
@@ -178,9 +179,9 @@ class Api:
             await response.prepare(request)
             try:
                 if first is not None:
-                    await response.write(sse_event(first))
+                    await response.write(sse_event(shape(first)))
                 async for event in events:
-                    await response.write(sse_event(event))
+                    await response.write(sse_event(shape(event)))
             except APIError as error:
                 self.stats.record_http_error(error.status)  # an error event after the 200: counted all the same
                 await response.write(sse_event(error.body()))

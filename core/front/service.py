@@ -54,11 +54,12 @@ def with_defaults(body: dict[str, Any], expert: ExpertConfig) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Answer:
-    """A whole chat answer's text, for consensus."""
+    """A whole chat answer's text or tool calls, for consensus."""
 
     text: str
     finish_reason: str | None
     usage: dict[str, int]
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 class CompletionService:
@@ -81,7 +82,7 @@ class CompletionService:
     # ------------------------------------------------------------ choosing the expert
 
     def route_chat(self, request: ChatCompletionRequest) -> RouteDecision:
-        return self._recorded(self.router.route(request.messages))
+        return self._recorded(self.router.route(request.messages, tools=request.calls_tools))
 
     def route_prompt(self, request: CompletionRequest) -> RouteDecision:
         """A text completion is routed by its first prompt."""
@@ -107,6 +108,10 @@ class CompletionService:
         if request.has_images and not expert.vision:
             raise invalid("messages", f"expert '{expert.id}' cannot read images (its model is text-only); "
                                       "send the text alone or use a vision-capable expert", "images_not_supported")
+        if request.calls_tools and not expert.calls_tools:
+            raise invalid("tools", f"expert '{expert.id}' cannot call tools (its runner has no tool-call parser, "
+                                   "engine.tool_call_parser); name an expert that can, or send no model",
+                          "tools_not_supported")
         body = self.chat_body(expert, request, request.messages)
         return Job(self, expert, decision, CHAT_PATH, body, request.stream, request.include_usage)
 
@@ -124,7 +129,8 @@ class CompletionService:
         return with_defaults(body, expert)
 
     def _client_fields(self, request: ChatCompletionRequest | CompletionRequest, exclude: set[str]) -> dict[str, Any]:
-        body = request.model_dump(exclude_none=True, by_alias=True, exclude=exclude | {"stream_options", "priority"})
+        body = request.model_dump(exclude_none=True, by_alias=True,
+                                  exclude=exclude | {"stream_options", "priority", "engine_fields"})
         body["priority"] = self.priority + (request.priority or 0)
         if request.stream:
             body["stream_options"] = {
@@ -198,8 +204,9 @@ class CompletionService:
         body.pop("stream_options", None)
         answer = await self.complete(expert, CHAT_PATH, {**body, "stream": False})
         choice = (answer.get("choices") or [{}])[0]
-        return Answer((choice.get("message") or {}).get("content") or "", choice.get("finish_reason"),
-                      answer.get("usage") or {})
+        message = choice.get("message") or {}
+        return Answer(message.get("content") or "", choice.get("finish_reason"), answer.get("usage") or {},
+                      tuple(message.get("tool_calls") or ()))
 
     @asynccontextmanager
     async def _lease(self, expert: ExpertConfig, body: dict[str, Any]) -> AsyncIterator[tuple[Grant, Upstream]]:
