@@ -10,6 +10,7 @@ alone, as on the other servers.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -109,6 +110,32 @@ def medoid(texts: Sequence[str]) -> int:
     return int(np.argmax(matrix.sum(axis=1)))
 
 
+def call_key(calls: Sequence[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """What makes two candidates' tool calls the same: the functions and their arguments as canonical JSON."""
+    key = []
+    for call in calls:
+        function = call.get("function") or {}
+        arguments = function.get("arguments") or ""
+        try:
+            arguments = json.dumps(json.loads(arguments), sort_keys=True, separators=(",", ":"))
+        except ValueError:
+            pass
+        key.append((function.get("name") or "", arguments))
+    return tuple(key)
+
+
+def tool_vote(answers: Sequence["Candidate"]) -> tuple["Candidate", int] | None:
+    """The candidate whose tool calls most candidates proposed, and how many did; ties go to the earlier candidate
+    (the router's ranking). None when no candidate called a tool."""
+    callers = [c for c in answers if c.tool_calls]
+    if not callers:
+        return None
+    keys = [call_key(c.tool_calls) for c in callers]
+    counts = {key: keys.count(key) for key in keys}
+    winner = max(range(len(callers)), key=lambda i: (counts[keys[i]], -i))
+    return callers[winner], counts[keys[winner]]
+
+
 # ---------------------------------------------------------------- the stages' results
 
 
@@ -140,6 +167,7 @@ class Candidate:
     usage: Usage = Usage()
     error: str | None = None
     timed_out: bool = False
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -208,7 +236,7 @@ class ConsensusService:
         """The router's ranking, narrowed to the experts that can read the input and cut to k."""
         config = self.service.config
         able = [e for e in map(config.expert, self.service.route_chat(request).ranking())
-                if e is not None and (e.vision or not request.has_images)]
+                if e is not None and (e.vision or not request.has_images) and (e.calls_tools or not request.calls_tools)]
         if not able:
             raise invalid("messages", "no expert can read images (every model is text-only); send the text alone",
                           "images_not_supported")
@@ -238,13 +266,37 @@ class ConsensusJob:
         self.plan = plan
         self.synthesizer = (plan.synthesizer or plan.candidates[0]).id
         self.streaming = request.stream
+        self.tool_agreement: str | None = None
 
     def headers(self) -> dict[str, str]:
-        return {"X-Capibara-Expert": self.synthesizer,
-                "X-Capibara-Consensus-Experts": ",".join(e.id for e in self.plan.asked)}
+        headers = {"X-Capibara-Expert": self.synthesizer,
+                   "X-Capibara-Consensus-Experts": ",".join(e.id for e in self.plan.asked)}
+        if self.tool_agreement is not None:
+            headers["X-Capibara-Tool-Agreement"] = self.tool_agreement
+        return headers
+
+    def _voted(self, fan_out: FanOut) -> tuple[Candidate, dict[str, Any]] | None:
+        """With tools, the call most candidates agree on, never paraphrased into prose; None without one."""
+        vote = tool_vote(fan_out.answers) if self.request.calls_tools and fan_out.candidates else None
+        if vote is None:
+            return None
+        winner, agreeing = vote
+        voters = len(fan_out.answers)
+        self.synthesizer, self.tool_agreement = winner.expert, f"{agreeing}/{voters}"
+        self.service.stats.record_tool_vote(agreeing, voters)
+        consensus = self._conclude(fan_out, self.service.config.expert(winner.expert), "tool_vote", Usage(), 0.0,
+                                   self.plan.note)
+        consensus["tool_agreement"] = {"agreeing": agreeing, "candidates": voters}
+        return winner, consensus
 
     async def complete(self) -> dict[str, Any]:
         fan_out = await self._fan_out()
+        if (voted := self._voted(fan_out)) is not None:
+            winner, consensus = voted
+            answer = render_chat_response(winner.expert, None, "tool_calls", fan_out.usage.render(),
+                                          consensus=consensus)
+            answer["choices"][0]["message"]["tool_calls"] = list(winner.tool_calls)
+            return answer
         expert = self._writer(fan_out)
         started = time.monotonic()
         method, note = ("synthesis" if fan_out.answers else "single"), self.plan.note
@@ -269,8 +321,12 @@ class ConsensusJob:
         the client, the medoid candidate still answers. A failure after that ends the stream with an error event.
         """
         fan_out = await self._fan_out()
-        expert = self._writer(fan_out)
         chunk_id = new_id("chat")
+        if (voted := self._voted(fan_out)) is not None:
+            async for chunk in self._tool_chunks(chunk_id, fan_out, *voted):
+                yield chunk
+            return
+        expert = self._writer(fan_out)
         started = time.monotonic()
         method, note = ("synthesis" if fan_out.answers else "single"), self.plan.note
         held: dict[str, Any] | None = None
@@ -299,6 +355,25 @@ class ConsensusJob:
         if self.request.include_usage:
             yield last
             yield {**last, "choices": [], "usage": (fan_out.usage + final_usage).render(), "consensus": consensus}
+        else:
+            yield {**last, "consensus": consensus}
+
+    async def _tool_chunks(self, chunk_id: str, fan_out: FanOut, winner: Candidate, consensus: dict[str, Any]
+                           ) -> AsyncIterator[dict[str, Any]]:
+        """The voted calls in OpenAI's delta shape: each call's index, id and name first, then its arguments."""
+        yield render_chat_chunk(chunk_id, winner.expert, None, None, role=True)
+        for index, call in enumerate(winner.tool_calls):
+            function = call.get("function") or {}
+            head = {"index": index, "id": call.get("id"), "type": "function",
+                    "function": {"name": function.get("name"), "arguments": ""}}
+            for delta in (head, {"index": index, "function": {"arguments": function.get("arguments") or ""}}):
+                chunk = render_chat_chunk(chunk_id, winner.expert, None, None)
+                chunk["choices"][0]["delta"]["tool_calls"] = [delta]
+                yield chunk
+        last = render_chat_chunk(chunk_id, winner.expert, None, "tool_calls")
+        if self.request.include_usage:
+            yield last
+            yield {**last, "choices": [], "usage": fan_out.usage.render(), "consensus": consensus}
         else:
             yield {**last, "consensus": consensus}
 
@@ -338,7 +413,7 @@ class ConsensusJob:
             error, timed_out = _reason(failure), isinstance(failure, APIError) and failure.status == 504
         else:
             return Candidate(expert.id, time.monotonic() - started, answer.text, answer.finish_reason,
-                             Usage.of(answer.usage))
+                             Usage.of(answer.usage), tool_calls=answer.tool_calls)
         log.warning("consensus candidate %s failed: %s", expert.id, error)
         return Candidate(expert.id, time.monotonic() - started, error=error, timed_out=timed_out)
 

@@ -111,6 +111,8 @@ class Stats:
         self.consensus_failures: Counter[str] = Counter()
         self.consensus_fanout = Samples()
         self.consensus_synthesis = Samples()
+        self.tool_votes = 0  # consensus answers that were a tool call chosen by vote
+        self.tool_vote_agreement = 0.0  # the sum of each vote's share of candidates that proposed the winner
         self.metrics = Metrics()
 
     def expert(self, expert_id: str) -> ExpertStats:
@@ -149,6 +151,10 @@ class Stats:
             if completion_tokens > 1:
                 stats.inter_token.add((seconds - ttft) / (completion_tokens - 1))
 
+    def record_tool_vote(self, agreeing: int, voters: int) -> None:
+        self.tool_votes += 1
+        self.tool_vote_agreement += agreeing / voters
+
     def record_consensus(self, experts_used: int, fanout_s: float, synthesis_s: float | None,
                          failed: list[str]) -> None:
         self.consensus_requests += 1
@@ -180,6 +186,8 @@ class Stats:
                 "failures": dict(self.consensus_failures),
                 "fanout_s": self.consensus_fanout.summary(50, 95),
                 "synthesis_s": self.consensus_synthesis.summary(50, 95),
+                "tool_votes": self.tool_votes,
+                "mean_tool_agreement": self.tool_vote_agreement / self.tool_votes if self.tool_votes else None,
             },
         }
 

@@ -119,6 +119,7 @@ class Router:
                               or _first(experts, lambda e: e.domain.lower() == "multimodal"))
         self.multilingual_expert = _first(experts, lambda e: e.multilingual)
         self.coding_expert = _first(experts, lambda e: e.domain.lower() in ("coding", "code", "programming"))
+        self.tool_experts = frozenset(e.id for e in experts if e.calls_tools)
         domains = [e.domain.lower() for e in experts]
         profile = expert_profile(experts)
         self._classifier = _classifier(profile) if corpus is None else train(profile, corpus)
@@ -138,8 +139,9 @@ class Router:
         """Route a bare completion prompt as if it were one user turn."""
         return self.route((ChatMessage(role="user", content=prompt),))
 
-    def route(self, messages: Sequence[ChatMessage]) -> RouteDecision:
-        """The expert for a conversation: any image, else the last user turn's structure, else the classifier."""
+    def route(self, messages: Sequence[ChatMessage], tools: bool = False) -> RouteDecision:
+        """The expert for a conversation: any image, else the last user turn's structure, else the classifier;
+        with `tools` (the request may call them), the best of the experts that can."""
         started = time.perf_counter()
         last = deciding_turn(messages)
         text = deciding_text(messages, last)
@@ -147,6 +149,11 @@ class Router:
         scored = [(weight, self._classifier.scores(turn)) for weight, turn in turns]
         scores = self._scores(self._probabilities(scored))
         expert, reason, confidence, rule = self._decide(messages, text, scored, scores)
+        if tools and expert not in self.tool_experts:
+            able = [e for e in scores if e in self.tool_experts]
+            if able:
+                reason = f"tools: {expert} ({reason}) cannot call tools; the best expert that can"
+                expert, confidence, rule = able[0], scores[able[0]], True
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         return RouteDecision(expert, scores, reason, confidence, elapsed_ms, self.experts, RULES if rule else TFIDF)
 
