@@ -42,15 +42,14 @@ def test_logprobs_come_back(client):
 
 
 def test_a_forced_tool_choice_returns_a_tool_call(client):
-    """OpenAI's shape. vLLM 0.32 does not hold a named tool's arguments to its schema (SmolLM2 answered '"LIMA"'),
-    so only JSON is required of them; response_format above shows schema-constrained output does work."""
+    """OpenAI's shape, and arguments held to the tool's schema (engine.tool_strict_level; test_tools has the rest)."""
     response = client.chat.completions.create(
         model="qwen_coder", messages=[{"role": "user", "content": "What is the weather in Lima?"}], max_tokens=60,
         temperature=0, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
     calls = response.choices[0].message.tool_calls
     assert response.model == "qwen_coder" and len(calls) == 1
     assert calls[0].type == "function" and calls[0].function.name == "get_weather" and calls[0].id
-    json.loads(calls[0].function.arguments)
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
 
 
 def test_streamed_logprobs_and_usage(client):

@@ -108,7 +108,9 @@ def test_client_disconnect_aborts_the_runner_request(vllm_streaming_server):
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         received = b""
         while received.count(b"data: ") < 5:
-            received += sock.recv(4096)
+            chunk = sock.recv(4096)
+            assert chunk, f"the server closed the stream early: {received[-500:]!r}"
+            received += chunk
         expert = vllm_streaming_server.stats()["experts"]["qwen_coder"]
         assert runner_requests(vllm_streaming_server, "qwen_coder") == 1 and expert["active_streams"] == 1
     deadline = time.monotonic() + 2.0
