@@ -29,12 +29,12 @@ from core.config import REPO_ROOT, AppConfig, ConfigError, parse_config
 
 DEFAULT_PROFILE = REPO_ROOT / "configs" / "axion_profile.json"
 _CPU = {"x86": False, "arm": False, "arm_bf16": False, "avx512": False, "avx512_bf16": False, "amx": False,
-        "gpu": False}
+        "gpu": False, "bf16": False}
 TARGETS: dict[str, tuple[str, dict[str, bool]]] = {
-    "arm": ("aarch64 CPU such as Google Axion, vLLM-cpu", {**_CPU, "arm": True, "arm_bf16": True}),
+    "arm": ("aarch64 CPU such as Google Axion, vLLM-cpu", {**_CPU, "arm": True, "arm_bf16": True, "bf16": True}),
     "x86-avx2": ("x86-64 CPU with AVX2 only, vLLM-cpu", {**_CPU, "x86": True}),
     "x86-avx512": ("x86-64 CPU with AVX-512, AVX512-BF16 and AMX (Sapphire Rapids class), vLLM-cpu",
-                   {**_CPU, "x86": True, "avx512": True, "avx512_bf16": True, "amx": True}),
+                   {**_CPU, "x86": True, "avx512": True, "avx512_bf16": True, "amx": True, "bf16": True}),
     "gpu": ("x86-64 host with a CUDA GPU, vLLM", {**_CPU, "x86": True, "gpu": True}),
 }
 

@@ -26,11 +26,13 @@ done
 
 if [[ -n ${urls[standard]:-} ]]; then
     # The warm pool comes up in the background; wait for it, so that the first request is not a cold start.
-    warm=$("$CAPIBARA_PYTHON" -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["server"]["warmup"]))' \
-        "$(realpath -m "${CAPIBARA_CONFIG:-$CAPIBARA_REPO/configs/embedded.json}")")
-    echo "waiting for the warm pool: $warm"
+    python=${CAPIBARA_PYTHON:-$CAPIBARA_REPO/.venv/bin/python}
+    config=$(realpath -m "${CAPIBARA_CONFIG:-$CAPIBARA_REPO/configs/embedded.json}")
+    warm=$(cd "$CAPIBARA_REPO" && "$python" -c 'import sys; from core.config import load_config
+print(" ".join(load_config(sys.argv[1]).server.warmup))' "$config")
+    echo "waiting for the warm pool: ${warm:-(none)}"
     # shellcheck disable=SC2086
-    "$CAPIBARA_PYTHON" -m core.harness.ready "${urls[standard]}" $warm || failed=1
+    (cd "$CAPIBARA_REPO" && "$python" -m core.harness.ready "${urls[standard]}" $warm) || failed=1
 fi
 
 messages='"messages": [{"role": "user", "content": "Write a haiku about capybaras"}]'
