@@ -142,7 +142,7 @@ def _judge(float32: Path, int8: Path, here: str, force_int8: bool) -> Verdict:
         figures, why = figures_of(result), None
     except CandidateFailed as error:
         print(error, file=sys.stderr)
-        first = str(error).splitlines()[0]
+        first = str(error).splitlines()[0].split(";")[0]
         result, figures = None, {"failures": [first]}
         why = f"int8 failed the quality gate on this CPU (its engine did not run: {first})"
     if result is not None and result.passed:

@@ -196,10 +196,12 @@ def gate(candidate: Path, dtype: str | None = None, reference_folder: Path = FLO
             status = child.wait(CANDIDATE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             child.kill()
-            status = "killed after a timeout"
+            status = f"was killed after {CANDIDATE_TIMEOUT_S:g} s"
         if status != 0:
+            how = status if isinstance(status, str) else (f"died of signal {-status}" if status < 0
+                                                          else f"exited with status {status}")
             tail = (work / "log").read_text(errors="replace").strip().splitlines()[-12:]
-            raise CandidateFailed(f"the candidate's engine failed ({status}):\n" + "\n".join(tail))
+            raise CandidateFailed(f"the candidate's engine {how}; the end of its log:\n" + "\n".join(tail))
         raw = json.loads((work / "out.json").read_text())
     step("candidate measured")
     ref_answers = tokenizer.batch_decode(ref_ids, skip_special_tokens=True)
