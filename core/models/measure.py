@@ -62,13 +62,12 @@ def _until_eos(ids: list[int], eos: int) -> list[int]:
     return ids[:ids.index(eos)] if eos in ids else ids
 
 
-def candidate(folder: str, dtype: str, chunks: list[list[int]], prompts: list[list[int]], max_model_len: int
-              ) -> dict:
-    """The candidate in vLLM (this process): greedy answers and prompt log-probabilities, as plain data."""
+def candidate(folder: str, dtype: str, chunks: list[list[int]], prompts: list[list[int]], engine: dict) -> dict:
+    """The candidate in vLLM (this process) with the runner's engine settings `engine`: greedy answers and prompt
+    log-probabilities, as plain data."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=folder, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=0,
-              kv_cache_memory_bytes=256 << 20, distributed_executor_backend="uni", max_logprobs=TOP_K)
+    llm = LLM(model=folder, dtype=dtype, seed=0, distributed_executor_backend="uni", max_logprobs=TOP_K, **engine)
     answers = llm.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(temperature=0, max_tokens=ANSWER_TOKENS), use_tqdm=False)
     scored = llm.generate([{"prompt_token_ids": c} for c in chunks],
@@ -95,12 +94,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="the quality gate's candidate side (run by core.models.quality_gate)")
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", required=True)
-    parser.add_argument("--max-model-len", type=int, required=True)
+    parser.add_argument("--engine", type=json.loads, required=True, help="JSON: the runner's engine settings")
     parser.add_argument("--inputs", type=Path, required=True, help="JSON: {chunks, prompts} as token ids")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     inputs = json.loads(args.inputs.read_text())
-    result = candidate(args.model, args.dtype, inputs["chunks"], inputs["prompts"], args.max_model_len)
+    result = candidate(args.model, args.dtype, inputs["chunks"], inputs["prompts"], args.engine)
     args.output.write_text(json.dumps(result))
     os._exit(0)  # vLLM's engine threads can hold the interpreter's exit for seconds
 
