@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from core.config import EMBEDDED_CONFIG, ExpertConfig, load_config
-from core.host.runner import cpu_flags, cpu_path, plan_runner
+from core.host.runner import RunnerPlan, cpu_flags, cpu_path, plan_runner
 from core.models.measure import TOP_K, Scored, reference, scored_of
 from core.models.paths import FLOAT32_MODEL, INT8_MODEL
 
@@ -152,15 +152,9 @@ def cached_reference(folder: Path, chunks: list[list[int]], prompts: list[list[i
     return answers, scored, False
 
 
-def candidate_dtype(expert: ExpertConfig, folder: Path) -> str:
-    """The activation dtype the host would serve this folder with on this machine."""
-    return plan_runner(expert.model_copy(update={"model": str(folder)}), cpu_flags()).effective["dtype"]
-
-
-def start_candidate(expert: ExpertConfig, folder: Path, dtype: str, inputs: Path, output: Path, log: Path
-                    ) -> subprocess.Popen:
-    """The candidate's child process, with the runner's environment (preloads, threads) for this expert."""
-    plan = plan_runner(expert.model_copy(update={"model": str(folder)}), cpu_flags())
+def start_candidate(expert: ExpertConfig, plan: RunnerPlan, folder: Path, dtype: str, inputs: Path, output: Path,
+                    log: Path) -> subprocess.Popen:
+    """The candidate's child process, with the runner's environment (`plan`: preloads, threads) for this expert."""
     cores = os.cpu_count() or 1
     env = {**os.environ, **plan.env, "OMP_NUM_THREADS": str(cores), "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
@@ -188,13 +182,15 @@ def gate(candidate: Path, dtype: str | None = None, reference_folder: Path = FLO
     expert = load_config(config).expert(expert_id)
     if expert is None:
         raise SystemExit(f"{config}: no expert {expert_id!r}")
-    dtype = dtype or candidate_dtype(expert, candidate)
+    plan = plan_runner(expert.model_copy(update={"model": str(candidate)}), cpu_flags())
+    dtype = dtype or plan.effective["dtype"]  # as the host would serve it here
     tokenizer = AutoTokenizer.from_pretrained(reference_folder)
     chunks, prompts, questions = load_inputs(tokenizer)
     with tempfile.TemporaryDirectory(prefix="quality-gate-") as tmp:
         work = Path(tmp)
         (work / "inputs.json").write_text(json.dumps({"chunks": chunks, "prompts": prompts}))
-        child = start_candidate(expert, candidate, dtype, work / "inputs.json", work / "out.json", work / "log")
+        child = start_candidate(expert, plan, candidate, dtype, work / "inputs.json", work / "out.json",
+                                work / "log")
         step(f"candidate: {candidate.name} with {dtype} activations, in vLLM (child {child.pid}) on {cpu_path()}")
         ref_ids, ref_scored, kept = cached_reference(reference_folder, chunks, prompts, tokenizer.eos_token_id)
         step(f"reference: float32 in transformers, {len(ref_scored.true_logprob)} tokens scored, {len(prompts)} "
