@@ -68,6 +68,9 @@ class EngineOptions(_Strict):
     # disable_any_whitespace): a small model otherwise spends its token budget on newlines inside the JSON and is
     # cut off before the call closes (SmolLM2 did, at 120 tokens, through every front).
     compact_json: bool = True
+    # Top-k/top-p drawn over each row's nucleus instead of after sorting the whole vocabulary (core/host/
+    # fast_sampler.py): the same distribution, and vLLM's CPU sort cost 40 % of the throughput at 8 streams.
+    fast_sampler: bool = True
     # OpenMP cores of this expert's runner (VLLM_CPU_OMP_THREADS_BIND, e.g. "0-3"); None splits the cores.
     cpu_cores: str | None = Field(None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
     # vLLM's model worker in a process of its own (vLLM's default on CPU). Off, it runs in the engine-core

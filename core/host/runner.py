@@ -26,6 +26,7 @@ import aiohttp
 
 from core.config import ExpertConfig
 from core.host.compact_tool_json import ENV as COMPACT_JSON_ENV
+from core.host.fast_sampler import ENV as FAST_SAMPLER_ENV
 from core.host.runner_guard import RUNNER_ENV, die_with_parent
 from core.models.verdict import Verdict
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 RUNNER_FIELDS = ("dtype", "quantization", "kv_cache_dtype", "kv_cache_memory_bytes", "max_model_len",
                  "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "max_seq_len_to_capture",
                  "enable_chunked_prefill", "enable_prefix_caching", "neon_kernels", "seed", "tool_call_parser",
-                 "tool_strict_level", "compact_json", "cpu_cores", "worker_process")
+                 "tool_strict_level", "compact_json", "fast_sampler", "cpu_cores", "worker_process")
 REMOTE_FIELDS = ("base_url", "remote_model", "api_key_env", "connect_timeout_s", "read_timeout_s")
 
 
@@ -175,6 +176,8 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | N
     if options.compact_json:
         flags += ["--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})]
         env[COMPACT_JSON_ENV] = "1"
+    if options.fast_sampler:
+        env[FAST_SAMPLER_ENV] = "1"
     if options.neon_kernels:
         env["NEON_EXT_VLLM_OPS"] = "1"
     if not options.worker_process:
@@ -195,7 +198,8 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | N
                  "enable_prefix_caching": options.enable_prefix_caching, "num_scheduler_steps": 1,
                  "max_seq_len_to_capture": capture, "seed": options.seed, "neon_kernels": options.neon_kernels,
                  "tool_call_parser": options.tool_call_parser, "tool_strict_level": options.tool_strict_level,
-                 "compact_json": options.compact_json, "scheduling_policy": "priority",
+                 "compact_json": options.compact_json, "fast_sampler": options.fast_sampler,
+                 "scheduling_policy": "priority",
                  "worker_process": options.worker_process, "preload": [Path(lib).name for lib in preload]}
     return RunnerPlan(model, tuple(flags), effective, tuple(warnings), env)
 
