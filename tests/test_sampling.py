@@ -150,29 +150,34 @@ def test_the_patch_still_applies_to_this_vllm():
 def test_seeded_first_tokens_through_the_runner_follow_its_own_logprobs(vllm_server):
     """Seeded requests through 8082's front: the first token's distribution is the nucleus of the runner's own raw
     logprobs at the request's temperature and top_p (the runner samples with the fast sampler by default)."""
-    body = {"model": "phi4_fast", "prompt": "My favourite animal is the", "max_tokens": 1, "temperature": 1.0,
-            "top_p": 0.9}
-    probe = requests.post(vllm_server.url + "/v1/completions", json={**body, "logprobs": 20, "engine_fields": True},
-                          timeout=60).json()
-    top = probe["choices"][0]["logprobs"]["top_logprobs"][0]
-    tokens, logprobs = list(top), np.array(list(top.values()))
-    probs = np.exp(logprobs)
-    assert probs.sum() > 0.9, "the top 20 must hold the nucleus for this check"
+    body = {"model": "phi4_fast", "max_tokens": 1, "temperature": 1.0,
+            "messages": [{"role": "user", "content": "Name one animal that lives on a farm. One word."}]}
+    probe = requests.post(vllm_server.url + "/v1/chat/completions",
+                          json={**body, "logprobs": True, "top_logprobs": 20}, timeout=60)
+    assert probe.status_code == 200, probe.text
+    top = {t["token"]: t["logprob"] for t in probe.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+    tokens = sorted(top, key=top.get, reverse=True)
+    probs = np.exp([top[token] for token in tokens])
+    # top_p halfway into the third token's probability: exactly three tokens kept, far from either boundary.
+    body["top_p"] = float(probs[:2].sum() + probs[2] / 2)
     kept = (np.cumsum(probs) - probs) < body["top_p"]
+    assert kept.sum() == 3
     nucleus = probs[kept] / probs[kept].sum()
-    seen = {}
-    for seed in range(300):
-        text = requests.post(vllm_server.url + "/v1/completions", json={**body, "seed": seed},
-                             timeout=60).json()["choices"][0]["text"]
+    draws = 300
+    seen: dict[str, int] = {}
+    for seed in range(draws):
+        answer = requests.post(vllm_server.url + "/v1/chat/completions", json={**body, "seed": seed}, timeout=60)
+        text = answer.json()["choices"][0]["message"]["content"]
         seen[text] = seen.get(text, 0) + 1
-    assert set(seen) <= set(np.array(tokens)[kept]), f"drew outside the nucleus: {set(seen) - set(tokens)}"
-    observed = np.array([seen.get(token, 0) for token in np.array(tokens)[kept]])
-    frequent = nucleus * 300 >= 5
+    kept_tokens = [token for token, keep in zip(tokens, kept) if keep]
+    assert set(seen) <= set(kept_tokens), f"drew outside the nucleus: {set(seen) - set(kept_tokens)}"
+    observed = np.array([seen.get(token, 0) for token in kept_tokens])
+    frequent = nucleus * draws >= 5
     fit_observed = np.append(observed[frequent], observed[~frequent].sum())
-    fit_expected = np.append(nucleus[frequent], nucleus[~frequent].sum()) * 300
+    fit_expected = np.append(nucleus[frequent], nucleus[~frequent].sum()) * draws
     keep = fit_expected > 0
-    assert chisquare(fit_observed[keep], fit_expected[keep]).pvalue > ALPHA
-    again = requests.post(vllm_server.url + "/v1/completions", json={**body, "seed": 7, "max_tokens": 16},
-                          timeout=60).json()["choices"][0]["text"]
-    assert again == requests.post(vllm_server.url + "/v1/completions", json={**body, "seed": 7, "max_tokens": 16},
-                                  timeout=60).json()["choices"][0]["text"]
+    assert chisquare(fit_observed[keep], fit_expected[keep]).pvalue > ALPHA, (seen, dict(zip(kept_tokens, nucleus)))
+    repeat = {**body, "seed": 7, "max_tokens": 16}
+    first, second = (requests.post(vllm_server.url + "/v1/chat/completions", json=repeat, timeout=60).json()
+                     for _ in range(2))
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
