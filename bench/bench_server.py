@@ -1,8 +1,8 @@
 """The front's overhead: the same streamed requests sent straight to the expert's runner and through the
-standard front (8082's kind), in alternating rounds of one run, at 1 and 8 concurrent streams.
+standard front (8082's kind), in alternating rounds of one run, at 1, 8 and 16 concurrent streams.
 
-Straight to the runner, each request carries what the front would add (the expert's system prompt and sampling
-defaults), so both sides generate the same tokens. Prints tokens/s and time to first token of each, and the ratio
+Both sides sample alike: through the front the expert's defaults apply (temperature, top_p); straight to the
+runner each request carries them and the system prompt, as the front would add them. Prints tokens/s and time to first token of each, and the ratio
 front / runner (1.00 means no overhead).
 
     .venv/bin/python -m bench.bench_server [--rounds 3] [--requests 16] [--max-tokens 128]
@@ -32,17 +32,19 @@ async def main() -> None:
         with fronts(config, ("standard",)) as (front,):
             await wait_ready(front.url, [EXPERT])
             engine = (await models(front.url))[EXPERT]["engine"]
-            sampling = {"temperature": 0, "max_tokens": args.max_tokens, "ignore_eos": True}
-            through_front = lambda i: {"model": EXPERT, "messages": messages(i), **sampling}  # noqa: E731
-            straight = lambda i: {"model": engine["key"], **sampling, "top_p": expert.sampling.top_p,  # noqa: E731
+            length = {"max_tokens": args.max_tokens, "ignore_eos": True}
+            defaults = {"temperature": expert.sampling.temperature, "top_p": expert.sampling.top_p}
+            through_front = lambda i: {"model": EXPERT, "messages": messages(i), **length}  # noqa: E731
+            straight = lambda i: {"model": engine["key"], **length, **defaults,  # noqa: E731
                                   "messages": [{"role": "system", "content": expert.system_prompt}, *messages(i)]}
             targets = {"runner": (engine["base_url"], straight), "front": (front.url, through_front)}
             await load(front.url, through_front, 2, 2)  # warm-up
             print(f"runner pid {engine['pid']} at {engine['base_url']}; {args.rounds} alternating rounds of "
-                  f"{args.requests} streams of {args.max_tokens} tokens")
+                  f"{args.requests} streams of {args.max_tokens} tokens, temperature {defaults['temperature']}, "
+                  f"top_p {defaults['top_p']}")
             print(f"{'streams':>8}{'runner tok/s':>14}{'front tok/s':>13}{'ratio':>8}{'runner ttft ms':>16}"
                   f"{'front ttft ms':>15}")
-            for concurrency in (1, 8):
+            for concurrency in (1, 8, 16):
                 totals: dict[str, list[Run]] = {name: [] for name in targets}
                 for _ in range(args.rounds):
                     for name, (url, body) in targets.items():
