@@ -3,6 +3,7 @@
 1. The sampler alone, in this process: vLLM 0.32's `TopKTopPSampler.forward_cpu` (sort, then a draw over the whole
    vocabulary) against ours (`core.host.fast_sampler`), top_p 0.9 at temperature 0.8 on language-like logits, for
    vocabularies of 49k (SmolLM2), 152k (Qwen2.5) and 262k (Gemma 3, Aya) and batches of 1, 8 and 32. Median ms.
+   "mask only" is vLLM's draw over the whole vocabulary after our mask: why ours draws over the nucleus.
 2. Through the front: two configs that differ only in engine.fast_sampler, each with its own host and runner.
    The same streamed chat requests (128 tokens, ignore_eos) with the expert's default sampling (temperature 0.7,
    top_p 0.9), and with `top_p: 1.0`, in alternating rounds. Prints tokens/s and the ratios.
@@ -47,15 +48,18 @@ def median_ms(step, repeats: int) -> float:
 
 def sampler_alone() -> None:
     import vllm._custom_ops  # noqa: F401 - registers the Gumbel-max kernel both paths draw with
+    from vllm.v1.sample.ops import topk_topp_sampler as ops
     from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
 
     from core.host import fast_sampler
+    from core.host.top_k_top_p import apply_top_k_top_p
 
     vllm_forward = TopKTopPSampler.forward_cpu
     ours = fast_sampler._nucleus_forward(vllm_forward, ())
     sampler = TopKTopPSampler()
     print(f"threads {torch.get_num_threads()}; top_p 0.9, temperature 0.8; median ms per sampling step")
-    print(f"{'vocab':>8}{'batch':>7}{'vLLM no top_p':>15}{'vLLM top_p':>12}{'ours top_p':>12}{'speed-up':>10}")
+    print(f"{'vocab':>8}{'batch':>7}{'vLLM no top_p':>15}{'vLLM top_p':>12}{'mask only':>11}{'ours top_p':>12}"
+          f"{'speed-up':>10}")
     for vocab in VOCABULARIES:
         for batch in BATCHES:
             logits = language_like(batch, vocab, 0.8)
@@ -64,7 +68,13 @@ def sampler_alone() -> None:
             plain = median_ms(lambda: vllm_forward(sampler, logits.clone(), {}, None, None), repeats)
             theirs = median_ms(lambda: vllm_forward(sampler, logits.clone(), {}, None, p), repeats)
             mine = median_ms(lambda: ours(sampler, logits.clone(), {}, None, p), repeats)
-            print(f"{vocab:>8}{batch:>7}{plain:>15.2f}{theirs:>12.2f}{mine:>12.2f}{theirs / mine:>9.1f}x")
+            vllm_mask, ops.apply_top_k_top_p = ops.apply_top_k_top_p, apply_top_k_top_p
+            try:
+                mask = median_ms(lambda: vllm_forward(sampler, logits.clone(), {}, None, p), repeats)
+            finally:
+                ops.apply_top_k_top_p = vllm_mask
+            print(f"{vocab:>8}{batch:>7}{plain:>15.2f}{theirs:>12.2f}{mask:>11.2f}{mine:>12.2f}"
+                  f"{theirs / mine:>9.1f}x")
 
 
 async def through_the_front(args: argparse.Namespace) -> None:
