@@ -145,6 +145,9 @@ class ServerConfig(_Strict):
     idle_check_interval_s: float = Field(15.0, gt=0.0)
     max_loaded_experts: int = Field(3, ge=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # The most tokens one request may ask an expert to write (max_tokens, max_completion_tokens, min_tokens; on
+    # 8084 the synthesis too): more is a 400 naming the field, so no client holds a runner for a whole context.
+    max_tokens: int = Field(4096, ge=1)
     api_key_env: str = "CAPIBARA_API_KEY"
     log_file: str | None = None
     shutdown_grace_s: float = Field(30.0, ge=0.0)
@@ -183,6 +186,13 @@ class AppConfig(_Strict):
         for i, name in enumerate(self.server.warmup):
             if name not in known:
                 raise ValueError(f"server.warmup.{i}: unknown expert {name!r}")
+        for i, expert in enumerate(self.experts):
+            if expert.sampling.max_tokens > self.server.max_tokens:
+                raise ValueError(f"experts.{i}.sampling.max_tokens: {expert.sampling.max_tokens} is over "
+                                 f"server.max_tokens ({self.server.max_tokens})")
+        if self.consensus.candidate_max_tokens > self.server.max_tokens:
+            raise ValueError(f"consensus.candidate_max_tokens: {self.consensus.candidate_max_tokens} is over "
+                             f"server.max_tokens ({self.server.max_tokens})")
         for field, name in (("router.default_expert", self.router.default_expert),
                             ("consensus.aggregator", self.consensus.aggregator)):
             if name is not None and name not in known:

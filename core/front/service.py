@@ -18,7 +18,8 @@ from typing import Any
 from core.config import AppConfig, ExpertConfig
 from core.host.protocol import Grant
 from core.front.host_client import HostClient, HostRefused, HostUnavailable
-from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, invalid, unavailable)
+from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, invalid, tiered_priority,
+                           unavailable)
 from core.router import RouteDecision, Router
 from core.front.stats import Stats
 from core.upstream import Failure, Upstream, UpstreamError
@@ -131,7 +132,7 @@ class CompletionService:
     def _client_fields(self, request: ChatCompletionRequest | CompletionRequest, exclude: set[str]) -> dict[str, Any]:
         body = request.model_dump(exclude_none=True, by_alias=True,
                                   exclude=exclude | {"stream_options", "priority", "engine_fields"})
-        body["priority"] = self.priority + (request.priority or 0)
+        body["priority"] = tiered_priority(self.priority, request.priority)
         if request.stream:
             body["stream_options"] = {
                 "include_usage": True,  # the front counts tokens; the usage chunk goes to the client if it asked
