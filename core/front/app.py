@@ -1,7 +1,8 @@
-"""The HTTP surface shared by the three servers: routes, errors, auth, SSE, and the process entrypoint.
+"""The HTTP surface shared by the three servers: routes, errors, auth, request ids, SSE, and the process entrypoint.
 
-Handlers only decode, call core, and encode: parsing lives in core.protocol, expert choice and
-generation in core.front.service (or core.front.consensus on 8084), engines in the model host (core.host).
+Handlers only decode, call core, and encode: parsing lives in core.protocol, expert
+choice and generation in core.front.service (or core.front.consensus on 8084), engines in the model host
+(core.host). Every response carries `X-Request-Id` and every request leaves one access log line.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import hmac
 import logging
 import os
 import sys
+import time
 from contextlib import aclosing
 from typing import Any
 
@@ -21,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from core.config import EMBEDDED_CONFIG, AppConfig, ConfigError, load_config
 from core.host.protocol import HostAddress
 from core.front.host_client import HostClient, HostRefused, HostUnavailable
+from core.front.request_log import RequestRecord, recording, request_id
 from core.protocol import (SSE_DONE, APIError, decode_body, openai_fields, parse_chat_request,
                            parse_completion_request, sse_event, unavailable)
 from core.router import Router
@@ -28,8 +31,11 @@ from core.front.service import CompletionService
 from core.front.stats import Stats
 
 log = logging.getLogger("capibara6")
+access_log = logging.getLogger("capibara6.access")
 SERVER_KINDS = ("standard", "streaming", "consensus")
 AFTER_DRAIN_S = 1.0  # once the drain ends, time left to write the last answers; what still runs is cancelled
+REQUEST_RECORD = web.RequestKey("request_record", RequestRecord)
+CLIENT_GONE = 499  # the access log's status for a request whose client left before its answer (nginx's)
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -64,6 +70,31 @@ class Api:
         self.requests_in_flight = 0
 
     # ------------------------------------------------------------ middleware
+
+    @web.middleware
+    async def request_ids(self, request: web.Request, handler) -> web.StreamResponse:
+        """The outermost layer: the request's id and record for everything below, and its access log line."""
+        record = RequestRecord(request_id(request.headers.get("X-Request-Id")))
+        request[REQUEST_RECORD] = record
+        started = time.monotonic()
+        status = CLIENT_GONE
+        try:
+            with recording(record):
+                response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as error:  # a redirect: the errors layer answers every error itself
+            status = error.status
+            raise
+        finally:
+            access_log.info("%s %s %d expert=%s tokens=%d+%d %.3fs id=%s", request.method, request.rel_url.raw_path,
+                            status, ",".join(record.experts) or "-", record.prompt_tokens, record.completion_tokens,
+                            time.monotonic() - started, record.id)
+
+    async def tag_response(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every response, streamed or not, error or not, names its request (set before its headers go out)."""
+        record = request.get(REQUEST_RECORD)
+        response.headers["X-Request-Id"] = record.id if record else request_id(request.headers.get("X-Request-Id"))
 
     @web.middleware
     async def errors(self, request: web.Request, handler) -> web.StreamResponse:
@@ -193,7 +224,9 @@ class Api:
     # ------------------------------------------------------------ application
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[self.errors, self.auth], client_max_size=self.config.server.max_body_bytes)
+        app = web.Application(middlewares=[self.request_ids, self.errors, self.auth],
+                              client_max_size=self.config.server.max_body_bytes)
+        app.on_response_prepare.append(self.tag_response)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/stats", self.stats_view)

@@ -21,6 +21,7 @@ from core.front.host_client import HostClient, HostRefused, HostUnavailable
 from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, invalid, tiered_priority,
                            unavailable)
 from core.router import RouteDecision, Router
+from core.front.request_log import note_usage
 from core.front.stats import Stats
 from core.upstream import Failure, Upstream, UpstreamError
 
@@ -254,6 +255,7 @@ class CompletionService:
     def _finish(self, expert: ExpertConfig, started: float, usage: dict[str, Any], ttft: float | None,
                 failure: APIError | None) -> None:
         failed = failure is not None and failure.status >= 500
+        note_usage(expert.id, usage)
         self.stats.record_generation(expert.id, seconds=time.monotonic() - started,
                                      prompt_tokens=int(usage.get("prompt_tokens") or 0),
                                      completion_tokens=int(usage.get("completion_tokens") or 0), ttft=ttft,
