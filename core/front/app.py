@@ -176,19 +176,19 @@ class Api:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_chat_request(decode_body(await request.read()))
+        parsed = parse_chat_request(decode_body(await request.read()), self.config.server.max_tokens)
         return await self._respond(request, self.chat_jobs(parsed), parsed.engine_fields)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_completion_request(decode_body(await request.read()))
+        parsed = parse_completion_request(decode_body(await request.read()), self.config.server.max_tokens)
         return await self._respond(request, self.service.completion(parsed), parsed.engine_fields)
 
     async def route(self, request: web.Request) -> web.Response:
         body = decode_body(await request.read())
         if "messages" in body:
-            decision = self.service.route_chat(parse_chat_request(body))
+            decision = self.service.route_chat(parse_chat_request(body, self.config.server.max_tokens))
         else:
-            decision = self.service.route_prompt(parse_completion_request(body))
+            decision = self.service.route_prompt(parse_completion_request(body, self.config.server.max_tokens))
         return json_response({"expert": decision.expert, "reason": decision.reason, "stage": decision.stage,
                               "confidence": decision.confidence, "scores": decision.scores,
                               "ranking": list(decision.ranking()), "elapsed_ms": decision.elapsed_ms})
