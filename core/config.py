@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -149,6 +149,9 @@ class ServerConfig(_Strict):
     # 8084 the synthesis too): more is a 400 naming the field, so no client holds a runner for a whole context.
     max_tokens: int = Field(4096, ge=1)
     api_key_env: str = "CAPIBARA_API_KEY"
+    # Hosts (exact names, as vLLM's --allowed-media-domains) whose http(s) image URLs a request may carry; empty:
+    # data: images only. Addresses that are not public are refused whatever the list says (core/media.py).
+    allowed_media_domains: frozenset[Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")]] = frozenset()
     log_file: str | None = None
     shutdown_grace_s: float = Field(30.0, ge=0.0)
     # The model host: its socket and runner logs live in run_dir; it stops (and its runners with it) once no

@@ -1,6 +1,6 @@
 """The HTTP surface shared by the three servers: routes, errors, auth, request ids, SSE, and the process entrypoint.
 
-Handlers only decode, call core, and encode: parsing lives in core.protocol, expert
+Handlers only decode, call core, and encode: parsing lives in core.protocol, the media policy in core.media, expert
 choice and generation in core.front.service (or core.front.consensus on 8084), engines in the model host
 (core.host). Every response carries `X-Request-Id` and every request leaves one access log line.
 """
@@ -24,6 +24,7 @@ from core.config import EMBEDDED_CONFIG, AppConfig, ConfigError, load_config
 from core.host.protocol import HostAddress
 from core.front.host_client import HostClient, HostRefused, HostUnavailable
 from core.front.request_log import RequestRecord, recording, request_id
+from core.media import check_image_urls
 from core.protocol import (SSE_DONE, APIError, decode_body, openai_fields, parse_chat_request,
                            parse_completion_request, sse_event, unavailable)
 from core.router import Router
@@ -177,6 +178,7 @@ class Api:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_chat_request(decode_body(await request.read()), self.config.server.max_tokens)
+        await check_image_urls(parsed, self.config.server.allowed_media_domains)
         return await self._respond(request, self.chat_jobs(parsed), parsed.engine_fields)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
