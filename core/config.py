@@ -149,6 +149,9 @@ class ServerConfig(_Strict):
     # 8084 the synthesis too): more is a 400 naming the field, so no client holds a runner for a whole context.
     max_tokens: int = Field(4096, ge=1)
     api_key_env: str = "CAPIBARA_API_KEY"
+    # Serve without an API key on an address other than loopback (also --insecure or CAPIBARA_INSECURE=1): anyone
+    # who reaches the port may then use it. Without it such a start is refused.
+    insecure: bool = False
     # Hosts (exact names, as vLLM's --allowed-media-domains) whose http(s) image URLs a request may carry; empty:
     # data: images only. Addresses that are not public are refused whatever the list says (core/media.py).
     allowed_media_domains: frozenset[Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")]] = frozenset()

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
+import socket
 import sys
 import time
 from contextlib import aclosing
@@ -67,7 +69,7 @@ class Api:
             self.chat_jobs = ConsensusService(self.service).chat
         else:
             self.chat_jobs = self.service.chat
-        self.api_key = os.environ.get(config.server.api_key_env) or None
+        self.api_key = api_key(config)
         self.requests_in_flight = 0
 
     # ------------------------------------------------------------ middleware
@@ -196,6 +198,12 @@ class Api:
                               "ranking": list(decision.ranking()), "elapsed_ms": decision.elapsed_ms})
 
     async def admin(self, request: web.Request) -> web.Response:
+        """Load or unload an expert: with an API key set, its holders (the auth layer checked); without one, only
+        clients on this machine, since anyone else could then stop the experts."""
+        if not self.api_key and not is_loopback(request.remote):
+            raise APIError(403, "admin routes answer only clients on this machine while no API key is set; set "
+                                f"{self.config.server.api_key_env} to manage experts from elsewhere",
+                           type="permission_error", code="admin_forbidden")
         expert_id, action = request.match_info["expert"], request.match_info["action"]
         if self.config.expert(expert_id) is None:
             raise APIError(404, f"The model '{expert_id}' does not exist", param="expert", code="model_not_found")
@@ -253,6 +261,30 @@ class Api:
             await asyncio.sleep(0.1)
 
 
+def api_key(config: AppConfig) -> str | None:
+    return os.environ.get(config.server.api_key_env) or None
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether a peer or bind address is on this machine only (a unix socket's peer, None, is not counted)."""
+    try:
+        ip = ipaddress.ip_address((address or "").partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def binds_loopback_only(host: str) -> bool:
+    """Whether every address a bind to `host` listens on is loopback ("localhost" is; "0.0.0.0" is not)."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return False
+    return bool(addresses) and all(is_loopback(address) for address in addresses)
+
+
 def main(kind: str, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"capibara6-{kind}", description=f"Capibara6 {kind} server")
     parser.add_argument("--config", default=os.environ.get("CAPIBARA_CONFIG", str(EMBEDDED_CONFIG)))
@@ -260,6 +292,9 @@ def main(kind: str, argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=None, help="default: server.ports.<kind> from the config")
     parser.add_argument("--log-file", default=None, help="default: server.log_file from the config, else stderr")
     parser.add_argument("--log-level", default=os.environ.get("CAPIBARA_LOG_LEVEL", "INFO"))
+    parser.add_argument("--insecure", action="store_true",
+                        help="serve without an API key on an address other than loopback (also server.insecure or "
+                             "CAPIBARA_INSECURE=1)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -271,6 +306,13 @@ def main(kind: str, argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host = args.host or config.server.host
     port = args.port or config.server.ports[kind]
+    if not api_key(config) and not binds_loopback_only(host):
+        if not (args.insecure or config.server.insecure or os.environ.get("CAPIBARA_INSECURE") == "1"):
+            print(f"capibara6-{kind}: refusing to serve {host} without an API key: anyone who reaches it could use "
+                  f"and unload the experts. Set {config.server.api_key_env}, bind 127.0.0.1 (--host), or pass "
+                  "--insecure (server.insecure, CAPIBARA_INSECURE=1) to serve it open.", file=sys.stderr)
+            raise SystemExit(2)
+        log.warning("serving %s without an API key (insecure): anyone who reaches port %d may use it", host, port)
     try:
         import uvloop
         uvloop.install()
