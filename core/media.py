@@ -33,12 +33,14 @@ def image_urls(request: ChatCompletionRequest) -> Iterator[tuple[str, str]]:
 
 
 async def check_image_urls(request: ChatCompletionRequest, allowed_domains: frozenset[str]) -> None:
-    """Raise a 400 for the first remote image URL the server must not let a runner fetch."""
+    """Raise a 400 for the first remote image URL the server must not let a runner fetch. Each host is resolved
+    once per request, so a request's lookups are bounded by the allow-list, not by how many images it carries."""
+    resolved: dict[str, list[str]] = {}
     for param, url in image_urls(request):
-        await _check(param, url, allowed_domains)
+        await _check(param, url, allowed_domains, resolved)
 
 
-async def _check(param: str, url: str, allowed_domains: frozenset[str]) -> None:
+async def _check(param: str, url: str, allowed_domains: frozenset[str], resolved: dict[str, list[str]]) -> None:
     if not allowed_domains:
         raise _refused(param, "remote image URLs are not accepted by this server; send the image as a "
                               "'data:image/<type>;base64,...' URL")
@@ -49,7 +51,9 @@ async def _check(param: str, url: str, allowed_domains: frozenset[str]) -> None:
     host = match["host"].lower()
     if host not in allowed_domains:
         raise _refused(param, f"image host '{host}' is not in server.allowed_media_domains")
-    for address in await _addresses(param, host):
+    if host not in resolved:
+        resolved[host] = await _addresses(param, host)
+    for address in resolved[host]:
         if not _public(address):
             raise _refused(param, f"image host '{host}' is (or resolves to) {address}, which is not a public "
                                   "address")
