@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -145,7 +145,16 @@ class ServerConfig(_Strict):
     idle_check_interval_s: float = Field(15.0, gt=0.0)
     max_loaded_experts: int = Field(3, ge=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # The most tokens one request may ask an expert to write (max_tokens, max_completion_tokens, min_tokens; on
+    # 8084 the synthesis too): more is a 400 naming the field, so no client holds a runner for a whole context.
+    max_tokens: int = Field(4096, ge=1)
     api_key_env: str = "CAPIBARA_API_KEY"
+    # Serve without an API key on an address other than loopback (also --insecure or CAPIBARA_INSECURE=1): anyone
+    # who reaches the port may then use it. Without it such a start is refused.
+    insecure: bool = False
+    # Hosts (exact names, as vLLM's --allowed-media-domains) whose http(s) image URLs a request may carry; empty:
+    # data: images only. Addresses that are not public are refused whatever the list says (core/media.py).
+    allowed_media_domains: frozenset[Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")]] = frozenset()
     log_file: str | None = None
     shutdown_grace_s: float = Field(30.0, ge=0.0)
     # The model host: its socket and runner logs live in run_dir; it stops (and its runners with it) once no
@@ -183,6 +192,13 @@ class AppConfig(_Strict):
         for i, name in enumerate(self.server.warmup):
             if name not in known:
                 raise ValueError(f"server.warmup.{i}: unknown expert {name!r}")
+        for i, expert in enumerate(self.experts):
+            if expert.sampling.max_tokens > self.server.max_tokens:
+                raise ValueError(f"experts.{i}.sampling.max_tokens: {expert.sampling.max_tokens} is over "
+                                 f"server.max_tokens ({self.server.max_tokens})")
+        if self.consensus.candidate_max_tokens > self.server.max_tokens:
+            raise ValueError(f"consensus.candidate_max_tokens: {self.consensus.candidate_max_tokens} is over "
+                             f"server.max_tokens ({self.server.max_tokens})")
         for field, name in (("router.default_expert", self.router.default_expert),
                             ("consensus.aggregator", self.consensus.aggregator)):
             if name is not None and name not in known:

@@ -21,7 +21,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 AUTO_MODEL = "auto"
 MAX_STOP_SEQUENCES = 16
 MAX_N = 16
-MAX_TOKENS = 1 << 20
+MAX_TOKENS = 1 << 20  # the bound of token limits when the caller names none (a server passes server.max_tokens)
+MAX_PRIORITY = 1000  # a client's priority, within its port's tier: -1000 (first) .. 1000
+PRIORITY_TIER_SPAN = 2 * MAX_PRIORITY + 1
 IMAGE_SIGNATURES = {
     "image/png": (b"\x89PNG\r\n\x1a\n",),
     "image/jpeg": (b"\xff\xd8\xff",),
@@ -179,6 +181,14 @@ class StreamOptions(_Model):
 Stop = Annotated[str, Field(min_length=1)]
 
 
+def _capped(tokens: int | None, info: ValidationInfo) -> int | None:
+    """A token limit within the server's cap (the `max_tokens` of the validation context)."""
+    cap = (info.context or {}).get("max_tokens", MAX_TOKENS)
+    if tokens is not None and tokens > cap:
+        raise ValueError(f"at most {cap} tokens on this server (server.max_tokens)")
+    return tokens
+
+
 class _Generation(_Model):
     """The fields both endpoints share: ours, OpenAI's, and the vLLM sampling extras benchmark clients send."""
 
@@ -205,10 +215,15 @@ class _Generation(_Model):
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
     response_format: ResponseFormat | None = None
-    priority: int | None = Field(None, ge=-1000, le=1000)
+    priority: int | None = Field(None, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
     # Ours: keep the engine's own fields (vLLM's token_ids, prompt_logprobs, kv_transfer_params, ...) in the
     # response; by default a response has OpenAI's fields only.
     engine_fields: bool = False
+
+    @field_validator("max_tokens", "min_tokens")
+    @classmethod
+    def _within_the_token_cap(cls, tokens: int | None, info: ValidationInfo) -> int | None:
+        return _capped(tokens, info)
 
     @field_validator("stop")
     @classmethod
@@ -244,6 +259,11 @@ class ChatCompletionRequest(_Generation):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _completion_tokens_within_the_cap(cls, tokens: int | None, info: ValidationInfo) -> int | None:
+        return _capped(tokens, info)
 
     @field_validator("messages")
     @classmethod
@@ -290,6 +310,12 @@ class CompletionRequest(_Generation):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
+def tiered_priority(tier: int, client: int | None) -> int:
+    """The priority a runner and the host's queue get: the port's tier (server.priorities) first, the client's own
+    priority only within it, so no client outranks a more urgent port."""
+    return tier * PRIORITY_TIER_SPAN + max(-MAX_PRIORITY, min(MAX_PRIORITY, client or 0))
+
+
 # ---------------------------------------------------------------- parsing
 
 
@@ -304,17 +330,18 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
-    return _parse(ChatCompletionRequest, body)
+def parse_chat_request(body: dict[str, Any], max_tokens: int = MAX_TOKENS) -> ChatCompletionRequest:
+    return _parse(ChatCompletionRequest, body, max_tokens)
 
 
-def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
-    return _parse(CompletionRequest, body)
+def parse_completion_request(body: dict[str, Any], max_tokens: int = MAX_TOKENS) -> CompletionRequest:
+    return _parse(CompletionRequest, body, max_tokens)
 
 
-def _parse(model: type[_Generation], body: dict[str, Any]):
+def _parse(model: type[_Generation], body: dict[str, Any], max_tokens: int):
+    """The request validated, its token limits held to `max_tokens`."""
     try:
-        return model.model_validate(body)
+        return model.model_validate(body, context={"max_tokens": max_tokens})
     except ValidationError as error:
         raise _as_api_error(error) from None
 

@@ -21,7 +21,8 @@ TOKENS = len(ECHO.split())  # the fake upstream writes one word per token
 PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(16)).decode()
 # The fake upstream of this module: the session's models and a few known per-token delays.
 MODELS = (*FAKE_MODELS, "echo[[delay=0.02]]", "echo[[delay=0.1]]", "echo[[delay=0.2]]", "echo[[delay=0.3]]")
-CANDIDATE_PRIORITY, STANDARD_PRIORITY = 10, 0  # the defaults of server.priorities
+# What the runner gets for the defaults of server.priorities (tiers 10 and 0): the tier times 2001, plus the client's.
+CANDIDATE_PRIORITY, STANDARD_PRIORITY = 10 * 2001, 0
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +109,9 @@ def test_candidates_run_in_parallel_and_one_answer_is_synthesised(tmp_path, star
 
 def test_candidates_go_at_the_candidate_priority_and_the_synthesis_at_the_standard_one(tmp_path, start_server,
                                                                                       upstream):
-    """What the upstream received: three candidates at priority 10 (plus the client's), capped and not streamed,
-    each with its expert's system prompt; one synthesis at priority 0 (plus the client's), streamed if asked."""
+    """What the upstream received: three candidates in the candidate tier (plus the client's priority), capped and
+    not streamed, each with its expert's system prompt; one synthesis in the standard tier (plus the client's),
+    streamed if asked."""
     path, config = faked(tmp_path, upstream, candidate_max_tokens=5)
     top = ranking(path)
     prompts = {e["id"]: e["system_prompt"] for e in config["experts"]}

@@ -485,7 +485,8 @@ def test_streaming_front_priority(fake_config, fake_upstream, start_server):
         response = requests.post(streaming.url + CHAT, timeout=10, json={
             "model": "phi4_fast", "messages": [{"role": "user", "content": marker}], **extra})
         assert response.status_code == 200 and response.json()["model"] == "phi4_fast"
-    assert [upstream_body(fake_upstream, marker)["priority"] for marker in markers] == [-10, -5]
+    # the streaming tier (-10, each tier 2001 points wide), then the client's own priority within it
+    assert [upstream_body(fake_upstream, marker)["priority"] for marker in markers] == [-20010, -20005]
 
 
 # ---------------------------------------------------------------- every error status is counted

@@ -1,16 +1,20 @@
-"""The HTTP surface shared by the three servers: routes, errors, auth, SSE, and the process entrypoint.
+"""The HTTP surface shared by the three servers: routes, errors, auth, request ids, SSE, and the process entrypoint.
 
-Handlers only decode, call core, and encode: parsing lives in core.protocol, expert choice and
-generation in core.front.service (or core.front.consensus on 8084), engines in the model host (core.host).
+Handlers only decode, call core, and encode: parsing lives in core.protocol, the media policy in core.media, expert
+choice and generation in core.front.service (or core.front.consensus on 8084), engines in the model host
+(core.host). Every response carries `X-Request-Id` and every request leaves one access log line.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
+import socket
 import sys
+import time
 from contextlib import aclosing
 from typing import Any
 
@@ -21,6 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from core.config import EMBEDDED_CONFIG, AppConfig, ConfigError, load_config
 from core.host.protocol import HostAddress
 from core.front.host_client import HostClient, HostRefused, HostUnavailable
+from core.front.request_log import RequestRecord, recording, request_id
+from core.media import check_image_urls
 from core.protocol import (SSE_DONE, APIError, decode_body, openai_fields, parse_chat_request,
                            parse_completion_request, sse_event, unavailable)
 from core.router import Router
@@ -28,8 +34,11 @@ from core.front.service import CompletionService
 from core.front.stats import Stats
 
 log = logging.getLogger("capibara6")
+access_log = logging.getLogger("capibara6.access")
 SERVER_KINDS = ("standard", "streaming", "consensus")
 AFTER_DRAIN_S = 1.0  # once the drain ends, time left to write the last answers; what still runs is cancelled
+REQUEST_RECORD = web.RequestKey("request_record", RequestRecord)
+CLIENT_GONE = 499  # the access log's status for a request whose client left before its answer (nginx's)
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -60,10 +69,35 @@ class Api:
             self.chat_jobs = ConsensusService(self.service).chat
         else:
             self.chat_jobs = self.service.chat
-        self.api_key = os.environ.get(config.server.api_key_env) or None
+        self.api_key = api_key(config)
         self.requests_in_flight = 0
 
     # ------------------------------------------------------------ middleware
+
+    @web.middleware
+    async def request_ids(self, request: web.Request, handler) -> web.StreamResponse:
+        """The outermost layer: the request's id and record for everything below, and its access log line."""
+        record = RequestRecord(request_id(request.headers.get("X-Request-Id")))
+        request[REQUEST_RECORD] = record
+        started = time.monotonic()
+        status = CLIENT_GONE
+        try:
+            with recording(record):
+                response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as error:  # a redirect: the errors layer answers every error itself
+            status = error.status
+            raise
+        finally:
+            access_log.info("%s %s %d expert=%s tokens=%d+%d %.3fs id=%s", request.method, request.rel_url.raw_path,
+                            status, ",".join(record.experts) or "-", record.prompt_tokens, record.completion_tokens,
+                            time.monotonic() - started, record.id)
+
+    async def tag_response(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every response, streamed or not, error or not, names its request (set before its headers go out)."""
+        record = request.get(REQUEST_RECORD)
+        response.headers["X-Request-Id"] = record.id if record else request_id(request.headers.get("X-Request-Id"))
 
     @web.middleware
     async def errors(self, request: web.Request, handler) -> web.StreamResponse:
@@ -145,24 +179,31 @@ class Api:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_chat_request(decode_body(await request.read()))
+        parsed = parse_chat_request(decode_body(await request.read()), self.config.server.max_tokens)
+        await check_image_urls(parsed, self.config.server.allowed_media_domains)
         return await self._respond(request, self.chat_jobs(parsed), parsed.engine_fields)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_completion_request(decode_body(await request.read()))
+        parsed = parse_completion_request(decode_body(await request.read()), self.config.server.max_tokens)
         return await self._respond(request, self.service.completion(parsed), parsed.engine_fields)
 
     async def route(self, request: web.Request) -> web.Response:
         body = decode_body(await request.read())
         if "messages" in body:
-            decision = self.service.route_chat(parse_chat_request(body))
+            decision = self.service.route_chat(parse_chat_request(body, self.config.server.max_tokens))
         else:
-            decision = self.service.route_prompt(parse_completion_request(body))
+            decision = self.service.route_prompt(parse_completion_request(body, self.config.server.max_tokens))
         return json_response({"expert": decision.expert, "reason": decision.reason, "stage": decision.stage,
                               "confidence": decision.confidence, "scores": decision.scores,
                               "ranking": list(decision.ranking()), "elapsed_ms": decision.elapsed_ms})
 
     async def admin(self, request: web.Request) -> web.Response:
+        """Load or unload an expert: with an API key set, its holders (the auth layer checked); without one, only
+        clients on this machine, since anyone else could then stop the experts."""
+        if not self.api_key and not is_loopback(request.remote):
+            raise APIError(403, "admin routes answer only clients on this machine while no API key is set; set "
+                                f"{self.config.server.api_key_env} to manage experts from elsewhere",
+                           type="permission_error", code="admin_forbidden")
         expert_id, action = request.match_info["expert"], request.match_info["action"]
         if self.config.expert(expert_id) is None:
             raise APIError(404, f"The model '{expert_id}' does not exist", param="expert", code="model_not_found")
@@ -193,7 +234,9 @@ class Api:
     # ------------------------------------------------------------ application
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[self.errors, self.auth], client_max_size=self.config.server.max_body_bytes)
+        app = web.Application(middlewares=[self.request_ids, self.errors, self.auth],
+                              client_max_size=self.config.server.max_body_bytes)
+        app.on_response_prepare.append(self.tag_response)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/stats", self.stats_view)
@@ -218,6 +261,30 @@ class Api:
             await asyncio.sleep(0.1)
 
 
+def api_key(config: AppConfig) -> str | None:
+    return os.environ.get(config.server.api_key_env) or None
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether a peer or bind address is on this machine only (a unix socket's peer, None, is not counted)."""
+    try:
+        ip = ipaddress.ip_address((address or "").partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def binds_loopback_only(host: str) -> bool:
+    """Whether every address a bind to `host` listens on is loopback ("localhost" is; "0.0.0.0" is not)."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return False
+    return bool(addresses) and all(is_loopback(address) for address in addresses)
+
+
 def main(kind: str, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"capibara6-{kind}", description=f"Capibara6 {kind} server")
     parser.add_argument("--config", default=os.environ.get("CAPIBARA_CONFIG", str(EMBEDDED_CONFIG)))
@@ -225,6 +292,9 @@ def main(kind: str, argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=None, help="default: server.ports.<kind> from the config")
     parser.add_argument("--log-file", default=None, help="default: server.log_file from the config, else stderr")
     parser.add_argument("--log-level", default=os.environ.get("CAPIBARA_LOG_LEVEL", "INFO"))
+    parser.add_argument("--insecure", action="store_true",
+                        help="serve without an API key on an address other than loopback (also server.insecure or "
+                             "CAPIBARA_INSECURE=1)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -236,6 +306,13 @@ def main(kind: str, argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host = args.host or config.server.host
     port = args.port or config.server.ports[kind]
+    if not api_key(config) and not binds_loopback_only(host):
+        if not (args.insecure or config.server.insecure or os.environ.get("CAPIBARA_INSECURE") == "1"):
+            print(f"capibara6-{kind}: refusing to serve {host} without an API key: anyone who reaches it could use "
+                  f"and unload the experts. Set {config.server.api_key_env}, bind 127.0.0.1 (--host), or pass "
+                  "--insecure (server.insecure, CAPIBARA_INSECURE=1) to serve it open.", file=sys.stderr)
+            raise SystemExit(2)
+        log.warning("serving %s without an API key (insecure): anyone who reaches port %d may use it", host, port)
     try:
         import uvloop
         uvloop.install()

@@ -24,7 +24,7 @@ from sklearn.metrics.pairwise import cosine_similarity
 
 from core.config import AppConfig, ExpertConfig
 from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, invalid, new_id, render_chat_chunk,
-                           render_chat_response, unavailable)
+                           render_chat_response, tiered_priority, unavailable)
 from core.front.service import CHAT_PATH, Answer, Job
 from core.front.stats import Stats
 from core.router import RouteDecision
@@ -397,12 +397,17 @@ class ConsensusJob:
 
     async def _ask(self, expert: ExpertConfig) -> Candidate:
         """One candidate, capped at candidate_max_tokens and candidate_timeout_s, at the candidates' (lower)
-        priority. Any failure becomes a record."""
+        priority. Any failure becomes a record. Every token limit the client sent is capped, max_completion_tokens
+        too (vLLM reads it before max_tokens)."""
         timeout = self.settings.candidate_timeout_s
         request = self.request
-        wanted = request.max_completion_tokens or request.max_tokens or expert.sampling.max_tokens
-        overrides = {"n": 1, "stream": False, "max_tokens": min(wanted, self.settings.candidate_max_tokens),
-                     "priority": self.service.config.server.priorities["candidate"] + (request.priority or 0)}
+        cap = self.settings.candidate_max_tokens
+        limits = {name: min(value, cap) for name in ("max_tokens", "max_completion_tokens", "min_tokens")
+                  if (value := getattr(request, name)) is not None}
+        if "max_tokens" not in limits and "max_completion_tokens" not in limits:
+            limits["max_tokens"] = min(expert.sampling.max_tokens, cap)
+        overrides = {"n": 1, "stream": False, **limits,
+                     "priority": tiered_priority(self.service.config.server.priorities["candidate"], request.priority)}
         started = time.monotonic()
         try:
             answer = await asyncio.wait_for(self.service.chat_answer(expert, request, request.messages, **overrides),

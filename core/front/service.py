@@ -18,8 +18,10 @@ from typing import Any
 from core.config import AppConfig, ExpertConfig
 from core.host.protocol import Grant
 from core.front.host_client import HostClient, HostRefused, HostUnavailable
-from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, invalid, unavailable)
+from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, invalid, tiered_priority,
+                           unavailable)
 from core.router import RouteDecision, Router
+from core.front.request_log import note_usage
 from core.front.stats import Stats
 from core.upstream import Failure, Upstream, UpstreamError
 
@@ -131,7 +133,7 @@ class CompletionService:
     def _client_fields(self, request: ChatCompletionRequest | CompletionRequest, exclude: set[str]) -> dict[str, Any]:
         body = request.model_dump(exclude_none=True, by_alias=True,
                                   exclude=exclude | {"stream_options", "priority", "engine_fields"})
-        body["priority"] = self.priority + (request.priority or 0)
+        body["priority"] = tiered_priority(self.priority, request.priority)
         if request.stream:
             body["stream_options"] = {
                 "include_usage": True,  # the front counts tokens; the usage chunk goes to the client if it asked
@@ -253,6 +255,7 @@ class CompletionService:
     def _finish(self, expert: ExpertConfig, started: float, usage: dict[str, Any], ttft: float | None,
                 failure: APIError | None) -> None:
         failed = failure is not None and failure.status >= 500
+        note_usage(expert.id, usage)
         self.stats.record_generation(expert.id, seconds=time.monotonic() - started,
                                      prompt_tokens=int(usage.get("prompt_tokens") or 0),
                                      completion_tokens=int(usage.get("completion_tokens") or 0), ttft=ttft,
