@@ -1,6 +1,6 @@
 """The router: how long it takes to build, how often it is right on prompts it never saw, and how fast it decides.
 
-Prints the start-up cost (lingua's models and the classifier's training), top-1 and within-acceptable accuracy on the
+Prints the start-up cost (lingua's models, loading the stored classifier, and training it), top-1 and within-acceptable accuracy on the
 independent set (tests/router_independent.jsonl, another voice, never trained on) with its misses, cross-validation
 on the corpus grouped by paraphrase, top-1 on the held-out corpus with its confusion matrix and per-language
 accuracy, how often consensus would ask the multimodal expert, lingua's accuracy and cost on short texts, and p50/p99
@@ -18,12 +18,10 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 
-import scipy.sparse
-
 from core.config import EMBEDDED_CONFIG, load_config
 from core.protocol import ChatMessage
-from core.router import Router, dataset, evaluation, language
-from core.router.policy import AGREEMENT, ENGLISH_FLOOR
+from core.router import Router, dataset, evaluation, fit, language, policy, store
+from core.router.policy import AGREEMENT, ENGLISH_FLOOR, expert_profile, training_set
 
 SHORT = (  # about 50 characters each, one per kind of decision
     "What is a good name for a golden retriever puppy?",
@@ -75,13 +73,16 @@ def _timed(call: Callable[[], object], rounds: int) -> tuple[list[float], list[f
     return wall, cpu
 
 
-def _build(config_path: str) -> tuple[Router, float, float]:
-    """The router, lingua's load time and the classifier's training time (seconds)."""
+def _build(config_path: str) -> tuple[Router, float, float, float]:
+    """The router as a front builds it, lingua's load time, the router's (from the store, if `make models` stored
+    it), and how long training it takes (seconds)."""
     started = time.perf_counter()
     language.preload()
     loaded = time.perf_counter()
     router = Router.from_config(load_config(config_path))
-    return router, loaded - started, time.perf_counter() - loaded
+    built = time.perf_counter()
+    policy.train(expert_profile(load_config(config_path).experts), dataset.load(dataset.TRAIN))
+    return router, loaded - started, built - loaded, time.perf_counter() - built
 
 
 def _generalisation(router: Router, config_path: str, train: Sequence[dataset.Example]) -> None:
@@ -185,7 +186,7 @@ def _language(router: Router, train: Sequence[dataset.Example], heldout: Sequenc
           f"the router calls it only when the classifier gives the multilingual domain >= {AGREEMENT}")
 
 
-def _latency(router: Router, rounds: int, examples: Sequence[dataset.Example]) -> None:
+def _latency(router: Router, config_path: str, rounds: int, examples: Sequence[dataset.Example]) -> None:
     cases = {
         "held-out (mix)": [(ChatMessage(role="user", content=e.text),) for e in examples],
         "independent (mix)": [c.messages for c in evaluation.load_independent()],
@@ -205,10 +206,11 @@ def _latency(router: Router, rounds: int, examples: Sequence[dataset.Example]) -
         (w50, w99), (c50, c99) = _quantiles(wall), _quantiles(cpu)
         print(f"{name:<20} {len(wall):>10} {w50:>8.3f} {w99:>8.3f} {c50:>8.3f} {c99:>8.3f}")
     classifier = router._classifier
+    config = load_config(config_path)
+    fitted = fit.fit(*training_set(expert_profile(config.experts), dataset.load(dataset.TRAIN)))
     wall, _ = _timed(lambda: [classifier.probabilities(classifier.scores(text).values) for text in SHORT], 200)
     ours = statistics.median(wall) / len(SHORT)
-    wall, _ = _timed(lambda: [classifier.model.predict_proba(scipy.sparse.hstack(
-        [v.transform([text]) for v in classifier.vectorizers], format="csr")) for text in SHORT], 40)
+    wall, _ = _timed(lambda: [fitted.predict_proba(text) for text in SHORT], 40)
     theirs = statistics.median(wall) / len(SHORT)
     print(f"baseline: sklearn's transform + predict_proba take {theirs:.3f} ms a short prompt, the router's "
           f"scoring of the same model {ours:.3f} ms ({theirs / ours:.0f}x less)")
@@ -220,17 +222,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6000, help="decisions timed per row")
     args = parser.parse_args()
 
-    router, lingua_s, training_s = _build(args.config)
+    router, lingua_s, router_s, training_s = _build(args.config)
     config = load_config(args.config)
     train, heldout = dataset.load(dataset.TRAIN), dataset.load(dataset.HELDOUT)
     own = sum(len(e.routing.examples) + len(e.routing.keywords) for e in config.experts)
-    print(f"start-up: lingua's models {lingua_s:.2f} s, classifier trained in {training_s:.2f} s "
-          f"({len(train)} corpus prompts + {own} config examples and keywords)")
+    stored = store.path(store.key(*training_set(expert_profile(config.experts), train)))
+    print(f"start-up: lingua's models {lingua_s:.2f} s, the router {router_s:.3f} s "
+          f"({'loaded from ' + stored.name if stored.is_file() else 'trained: no stored model, run make models'}); "
+          f"training it takes {training_s:.2f} s ({len(train)} corpus prompts + {own} config examples and keywords)")
     by_domain = {e.domain.lower(): e.id for e in config.experts}
     _generalisation(router, args.config, train)
     _accuracy(router, by_domain, heldout)
     _language(router, train, heldout)
-    _latency(router, args.rounds, heldout)
+    _latency(router, args.config, args.rounds, heldout)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ no better (90.4 % top-1 against 91.0 %) and it made each front's start-up six ti
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,10 +22,12 @@ import numpy as np
 
 from core.config import AppConfig, ExpertConfig
 from core.protocol import ChatMessage
-from core.router import dataset, language
+from core.router import dataset, language, store
 from core.router.classifier import DomainClassifier, Scores
 from core.router.code import CODE_SHARE, code_evidence
 from core.router.turns import context, deciding_text, deciding_turn
+
+log = logging.getLogger(__name__)
 
 # A turn is foreign when lingua's confidence in English is under ENGLISH_FLOOR and the classifier gives the
 # multilingual domain at least AGREEMENT (both chosen on the training corpus). On short prompts (<= 60 characters)
@@ -77,23 +80,38 @@ class _OneDomain:
         return np.ones(1)
 
 
-def train(profile: Profile, corpus: Sequence[dataset.Example]) -> DomainClassifier | _OneDomain:
-    """The classifier, trained on the corpus prompts of the experts' domains plus the experts' own examples and
-    keywords (which widen the vocabulary: +1.3 points of cross-validated accuracy on English prompts)."""
+def training_set(profile: Profile, corpus: Sequence[dataset.Example]) -> tuple[list[str], list[str]]:
+    """The texts and labels the classifier learns from: the corpus prompts of the experts' domains plus the experts'
+    own examples and keywords (which widen the vocabulary: +1.3 points of cross-validated accuracy on English
+    prompts)."""
     domains = {domain for domain, _ in profile}
-    if len(domains) == 1:
-        return _OneDomain(domains.pop())
     examples = [e for e in corpus if e.domain in domains]
     texts = [e.text for e in examples] + [text for _, own in profile for text in own]
     labels = [e.domain for e in examples] + [domain for domain, own in profile for _ in own]
-    return DomainClassifier(texts, labels)
+    return texts, labels
+
+
+def train(profile: Profile, corpus: Sequence[dataset.Example]) -> DomainClassifier | _OneDomain:
+    """The classifier, trained now (cross-validation, and a front whose stored model is missing)."""
+    domains = {domain for domain, _ in profile}
+    if len(domains) == 1:
+        return _OneDomain(domains.pop())
+    from core.router import fit  # sklearn: imported only when training, 1.2 s of a front's start otherwise
+    return fit.train(*training_set(profile, corpus))
 
 
 @functools.lru_cache(maxsize=8)
 def _classifier(profile: Profile) -> DomainClassifier | _OneDomain:
-    """Trained on the corpus in the package, cached per profile, since a process builds several routers over the
-    same experts (one per front, and many in the tests)."""
-    return train(profile, dataset.load(dataset.TRAIN))
+    """Loaded from the store (trained by `python -m core.router.train`), else trained now with one warning; cached
+    per profile, since a process builds several routers over the same experts (one per front, many in tests)."""
+    corpus = dataset.load(dataset.TRAIN)
+    if len({domain for domain, _ in profile}) > 1:
+        try:
+            return store.load(store.key(*training_set(profile, corpus)))
+        except store.Refused as refused:
+            log.warning("%s: training the router now (about 3 s); after editing the corpus or the experts' routing "
+                        "profiles, retrain once with `make models` or `python -m core.router.train`", refused)
+    return train(profile, corpus)
 
 
 def _first(experts: Sequence[ExpertConfig], test: Callable[[ExpertConfig], bool]) -> str | None:
