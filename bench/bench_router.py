@@ -1,11 +1,11 @@
 """The router: how long it takes to build, how often it is right on prompts it never saw, and how fast it decides.
 
-Prints the start-up cost (lingua's models, loading the stored classifier, and training it), top-1 and within-acceptable accuracy on the
-independent set (tests/router_independent.jsonl, another voice, never trained on) with its misses, cross-validation
-on the corpus grouped by paraphrase, top-1 on the held-out corpus with its confusion matrix and per-language
-accuracy, how often consensus would ask the multimodal expert, lingua's accuracy and cost on short texts, and p50/p99
+Prints the start-up cost (lingua's models, loading the stored classifier, and training it), top-1 and
+within-acceptable accuracy on the two independent sets (tests/router_independent*.jsonl, other voices, never trained
+on) with their misses, cross-validation on the corpus grouped by paraphrase, top-1 on the held-out corpus with its
+confusion matrix and per-language accuracy, how often consensus would ask the multimodal expert, lingua's accuracy and cost on short texts, and p50/p99
 decision time (wall clock and CPU) on held-out, independent, short and 2,000-char prompts and a five-turn
-conversation. Targets: independent top-1 >= 95 % and within acceptable >= 98 %, p99 < 1 ms.
+conversation. Targets: independent top-1 >= 95 % and within acceptable >= 98 % on both sets, p99 < 1 ms.
 
 Run from the repository root: ``.venv/bin/python -m bench.bench_router``.
 """
@@ -86,10 +86,10 @@ def _build(config_path: str) -> tuple[Router, float, float, float]:
 
 
 def _generalisation(router: Router, config_path: str, train: Sequence[dataset.Example]) -> None:
-    """The independent set (with its misses) and cross-validation on the corpus grouped by paraphrase."""
+    """The independent sets (with their misses) and cross-validation on the corpus grouped by paraphrase."""
     config = load_config(config_path)
     domain_of = {e.id: e.domain.lower() for e in config.experts}
-    independent = evaluation.load_independent()
+    sets = {path.name: evaluation.load_independent(path) for path in evaluation.INDEPENDENT_SETS}
     sizes = evaluation.group_sizes(train)
     folds = evaluation.grouped_folds(train)
     routers = [Router(config.experts, config.default_expert, config.router.threshold,
@@ -101,21 +101,24 @@ def _generalisation(router: Router, config_path: str, train: Sequence[dataset.Ex
             return domain_of[decision.expert], decision.reason
         return decide
 
-    print(f"\nindependent set: {len(independent)} conversations, {len({c.lang for c in independent})} language tags, "
-          f"{sum(c.image for c in independent)} with an image, {sum(len(c.messages) > 1 for c in independent)} "
-          f"multi-turn")
+    for name, cases in sets.items():
+        print(f"\n{name}: {len(cases)} conversations, {len({c.lang for c in cases})} language tags, "
+              f"{sum(c.image for c in cases)} with an image, {sum(len(c.messages) > 1 for c in cases)} multi-turn")
     print(f"grouped {len(folds)}-fold cross-validation on the training corpus: {sum(sizes.values())} paraphrase "
           f"groups ({sum(n for size, n in sizes.items() if size > 1)} of 2-{max(sizes)} prompts)")
-    found = evaluation.score(route(router), independent)
-    print(f"  independent set: {found.line()}")
+    found = {name: evaluation.score(route(router), cases) for name, cases in sets.items()}
+    for name, score in found.items():
+        print(f"  {name}: {score.line()}")
     folded = [evaluation.score(route(fitted), [evaluation.as_case(train[i]) for i in test])
               for fitted, (_, test) in zip(routers, folds)]
     right, total = sum(f.top1 for f in folded), sum(f.total for f in folded)
     print(f"  grouped CV: top-1 {right}/{total} = {right / total:.1%} "
           f"(folds {', '.join(f'{f.top1 / f.total:.1%}' for f in folded)})")
-    print("  independent misses (best -> routed to, reason, last turn):")
-    for case, domain, reason in found.misses:
-        print(f"    {case.best:>12} -> {domain:<12} {reason[:28]:<28} {case.messages[-1].text[:70]!r}")
+    for name, score in found.items():
+        print(f"  {name} misses (best -> routed to, * when acceptable, reason, last turn):")
+        for case, domain, reason in score.misses:
+            ok = "*" if domain in case.acceptable else " "
+            print(f"    {case.best:>12} -> {domain:<12}{ok} {reason[:24]:<24} {case.messages[-1].text[:70]!r}")
 
 
 def _accuracy(router: Router, by_domain: dict[str, str], examples: Sequence[dataset.Example]) -> None:
@@ -189,7 +192,8 @@ def _language(router: Router, train: Sequence[dataset.Example], heldout: Sequenc
 def _latency(router: Router, config_path: str, rounds: int, examples: Sequence[dataset.Example]) -> None:
     cases = {
         "held-out (mix)": [(ChatMessage(role="user", content=e.text),) for e in examples],
-        "independent (mix)": [c.messages for c in evaluation.load_independent()],
+        "independent (mix)": [c.messages for path in evaluation.INDEPENDENT_SETS
+                              for c in evaluation.load_independent(path)],
         "short (~50 chars)": [(ChatMessage(role="user", content=text),) for text in SHORT],
         "long (2,000 chars)": [(ChatMessage(role="user", content=_long(seed)),) for seed in LONG_SEEDS],
         "5-turn chat": [CONVERSATION],

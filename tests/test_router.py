@@ -471,17 +471,28 @@ def test_a_rule_decision_says_the_rules_decided(router: Router) -> None:
 # --- the independent set and grouped cross-validation ------------------------------------------
 
 
-def test_the_independent_set_is_broad_and_never_trained_on() -> None:
-    cases = evaluation.load_independent()
-    assert len(cases) >= 300 and sum(c.image for c in cases) >= 30 and len({c.lang for c in cases}) >= 28
-    assert sum(len(c.messages) > 1 for c in cases) >= 20
+@pytest.mark.parametrize("path, least_turns, least_languages", [(evaluation.INDEPENDENT, 20, 28),
+                                                                (evaluation.INDEPENDENT_2, 40, 25)])
+def test_the_independent_sets_are_broad_and_never_trained_on(path: Path, least_turns: int,
+                                                              least_languages: int) -> None:
+    cases = evaluation.load_independent(path)
+    assert len(cases) >= 300 and sum(c.image for c in cases) >= 30 and len({c.lang for c in cases}) >= least_languages
+    assert sum(len(c.messages) > 1 for c in cases) >= least_turns
     assert all(c.best in c.acceptable and c.acceptable <= DOMAINS for c in cases)
 
     def normal(text: str) -> str:
         return " ".join(text.lower().split())
 
     corpus = {normal(e.text) for e in (*TRAIN, *HELDOUT)}
-    assert not {normal(m.text) for c in cases for m in c.messages} & corpus
+    assert not {normal(m.text) for c in cases for m in c.messages if m.text.strip()} & corpus
+
+
+def test_the_two_independent_sets_share_no_prompt() -> None:
+    first, second = (evaluation.load_independent(path) for path in evaluation.INDEPENDENT_SETS)
+    def prompts(cases: tuple[evaluation.Case, ...]) -> set[str]:
+        return {m.text for c in cases for m in c.messages if m.role == "user" and m.text.strip()}
+
+    assert not prompts(first) & prompts(second)
 
 
 def test_paraphrases_share_a_group_and_never_straddle_a_fold() -> None:

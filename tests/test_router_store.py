@@ -65,7 +65,8 @@ def test_the_loaded_router_decides_exactly_as_the_freshly_trained_one(trained, s
     assert warnings(caplog) == []  # it loaded: it did not train
     fresh = Router(config.experts, config.default_expert, config.router.threshold, corpus=TRAIN)
     conversations = [(ChatMessage(role="user", content=e.text),) for e in (*TRAIN, *HELDOUT)]
-    conversations += [case.messages for case in evaluation.load_independent()]
+    conversations += [case.messages for path in evaluation.INDEPENDENT_SETS
+                      for case in evaluation.load_independent(path)]
     for messages in conversations:
         a, b = loaded.route(messages), fresh.route(messages)
         assert (a.expert, a.scores, a.reason, a.stage, a.confidence) == \
