@@ -446,7 +446,7 @@ def test_the_analyzers_are_sklearns(text: str) -> None:
 
 
 def test_training_is_deterministic(fitted: fit.Fitted, config: AppConfig) -> None:
-    first, again = fitted.model(), policy.train(policy.expert_profile(config.experts), TRAIN).model
+    first, again = fitted.model(), policy.train(policy.expert_profile(config.experts), TRAIN).classifier.model
     assert (again.classes, again.words, again.chars, again.beta) == (first.classes, first.words, first.chars,
                                                                      first.beta)
     np.testing.assert_array_equal(again.weights, first.weights)

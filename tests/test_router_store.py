@@ -20,7 +20,7 @@ import pytest
 
 from core.config import EMBEDDED_CONFIG, AppConfig, load_config
 from core.protocol import ChatMessage
-from core.router import Router, dataset, evaluation, policy, store
+from core.router import Router, dataset, embedding, evaluation, policy, store
 from tests.conftest import REPO
 
 TRAIN, HELDOUT = dataset.load(dataset.TRAIN), dataset.load(dataset.HELDOUT)
@@ -33,8 +33,12 @@ def config() -> AppConfig:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A store directory filled by the command `make models` runs."""
+    """A store directory filled by the command `make models` runs, given the embedding table `make models` distilled
+    (distilling it again takes minutes)."""
     directory = tmp_path_factory.mktemp("router-store")
+    table = embedding.path(embedding.key())
+    assert table.is_file(), f"{table} is missing: run `make models`"
+    shutil.copy(table, directory)
     subprocess.run([sys.executable, "-m", "core.router.train", "--directory", str(directory)], cwd=REPO, check=True)
     return directory
 
@@ -42,16 +46,20 @@ def trained(tmp_path_factory) -> Path:
 @pytest.fixture
 def store_at(monkeypatch):
     """Point the store at a directory and forget the process's cached classifiers (before and after)."""
+    def forget() -> None:
+        policy._trained.cache_clear()
+        policy._embedding.cache_clear()
+
     def point(directory: Path) -> None:
         monkeypatch.setattr(store, "DIRECTORY", directory)
-        policy._classifier.cache_clear()
+        forget()
 
     yield point
-    policy._classifier.cache_clear()
+    forget()
 
 
 def the_key(config: AppConfig, corpus=TRAIN) -> str:
-    return store.key(*policy.training_set(policy.expert_profile(config.experts), corpus))
+    return store.key(*policy.training_set(policy.expert_profile(config.experts), corpus), embedding.key())
 
 
 def warnings(caplog) -> list[str]:
@@ -63,7 +71,9 @@ def test_the_loaded_router_decides_exactly_as_the_freshly_trained_one(trained, s
     with caplog.at_level(logging.WARNING):
         loaded = Router.from_config(config)
     assert warnings(caplog) == []  # it loaded: it did not train
+    assert loaded._head is not None and loaded._embedding is not None
     fresh = Router(config.experts, config.default_expert, config.router.threshold, corpus=TRAIN)
+    assert fresh._head is not None
     conversations = [(ChatMessage(role="user", content=e.text),) for e in (*TRAIN, *HELDOUT)]
     conversations += [case.messages for path in evaluation.INDEPENDENT_SETS
                       for case in evaluation.load_independent(path)]
@@ -207,3 +217,66 @@ def test_a_refused_file_makes_the_front_train_and_say_why(trained, store_at, con
     [warning] = warnings(caplog)
     assert "bad weights" in warning and "training the router now" in warning
     assert router.route_prompt("Write a Python function that reverses a list.").expert == "qwen_coder"
+
+
+# --- the embedding stage ------------------------------------------------------------------------
+
+
+def test_without_the_embedding_table_the_router_trains_tfidf_alone_and_says_so(trained, store_at, config, tmp_path,
+                                                                               caplog) -> None:
+    directory = tmp_path / "store"
+    shutil.copytree(trained, directory)
+    embedding.path(embedding.key(), directory).unlink()
+    store_at(directory)
+    with caplog.at_level(logging.WARNING):
+        router = Router.from_config(config)
+    [warning] = warnings(caplog)
+    assert "without the embedding stage" in warning and "make models" in warning
+    assert router._head is None
+    assert {router.route_prompt(e.text).stage for e in HELDOUT[::7]} <= {policy.RULES, policy.TFIDF}
+
+
+def test_an_unsure_classifier_asks_the_embedding_and_says_so(trained, store_at, config) -> None:
+    store_at(trained)
+    router = Router.from_config(config)
+    decisions = [router.route_prompt(e.text) for e in HELDOUT]
+    blended = [d for d in decisions if d.stage == policy.EMBEDDING]
+    assert blended and len(blended) < len(decisions) / 2  # asked only when TF-IDF is unsure
+    for decision in decisions:
+        assert decision.confidence == decision.scores[decision.expert] or decision.stage == policy.RULES
+        assert sum(decision.scores.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_embedding_vector_is_the_unit_mean_of_its_tokens(trained) -> None:
+    table = embedding.load(embedding.key(), trained)
+    vector = table.vector("which folders are hogging my drive")
+    assert vector.shape == (embedding.EMBEDDING_DIMS,) and float(vector @ vector) == pytest.approx(1.0)
+    assert not table.vector("").any() and not table.vector("\u2603\u2603").any()  # no known token: zeros
+
+
+def _table_rows_cut(path: Path, _: Path) -> None:
+    _rewrite(path, lambda arrays: arrays.update(table=arrays["table"][:-1]))
+
+
+def _table_as_float64(path: Path, _: Path) -> None:
+    _rewrite(path, lambda arrays: arrays.update(table=arrays["table"].astype(np.float64)))
+
+
+def _tokenizer_garbage(path: Path, _: Path) -> None:
+    _rewrite(path, lambda arrays: arrays.update(tokenizer=np.frombuffer(b"{not json", dtype=np.uint8)))
+
+
+def _table_pickled(path: Path, marker: Path) -> None:
+    _rewrite(path, lambda arrays: arrays.update(table=np.array([_Payload(marker)], dtype=object)))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_byte, _table_pickled, _table_rows_cut, _table_as_float64,
+                                    _tokenizer_garbage, _another_key])
+def test_a_damaged_embedding_table_is_refused_without_running_it(trained, tmp_path, damage) -> None:
+    directory = tmp_path / "store"
+    shutil.copytree(trained, directory)
+    marker = tmp_path / "pickle-ran"
+    damage(embedding.path(embedding.key(), directory), marker)
+    with pytest.raises(store.Refused):
+        embedding.load(embedding.key(), directory)
+    assert not marker.exists()

@@ -103,3 +103,14 @@ class DomainClassifier:
         logits = self._beta * (np.concatenate((-values, values)) if len(values) == 1 else values)
         exp = np.exp(logits - logits.max())
         return exp / exp.sum()
+
+
+@dataclass(frozen=True)
+class Head:
+    """A linear layer over sentence embeddings (`core.router.embedding`): decision values per class, like the SVM's."""
+
+    weights: np.ndarray  # dims x classes
+    intercept: np.ndarray
+
+    def values(self, vector: np.ndarray) -> np.ndarray:
+        return vector @ self.weights + self.intercept
