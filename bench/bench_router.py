@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from core.config import EMBEDDED_CONFIG, load_config
 from core.protocol import ChatMessage
-from core.router import Router, dataset, evaluation, fit, language, policy, store
+from core.router import Router, dataset, embedding, evaluation, fit, language, policy, store
 from core.router.policy import AGREEMENT, ENGLISH_FLOOR, expert_profile, training_set
 
 SHORT = (  # about 50 characters each, one per kind of decision
@@ -81,7 +81,7 @@ def _build(config_path: str) -> tuple[Router, float, float, float]:
     loaded = time.perf_counter()
     router = Router.from_config(load_config(config_path))
     built = time.perf_counter()
-    policy.train(expert_profile(load_config(config_path).experts), dataset.load(dataset.TRAIN))
+    policy.train(expert_profile(load_config(config_path).experts), dataset.load(dataset.TRAIN), router._embedding)
     return router, loaded - started, built - loaded, time.perf_counter() - built
 
 
@@ -209,6 +209,14 @@ def _latency(router: Router, config_path: str, rounds: int, examples: Sequence[d
             cpu += c
         (w50, w99), (c50, c99) = _quantiles(wall), _quantiles(cpu)
         print(f"{name:<20} {len(wall):>10} {w50:>8.3f} {w99:>8.3f} {c50:>8.3f} {c99:>8.3f}")
+    by_stage: defaultdict[str, list[float]] = defaultdict(list)
+    for messages in [*cases["held-out (mix)"], *cases["independent (mix)"]]:
+        stage = router.route(messages).stage
+        by_stage[stage] += _timed(lambda: router.route(messages), 10)[0]
+    print("by the stage that decided (held-out and independent prompts, 10 timings each):")
+    for stage, wall in sorted(by_stage.items()):
+        p50, p99 = _quantiles(wall)
+        print(f"  {stage:<16} {len(wall) // 10:>5} prompts  p50 {p50:.3f} ms  p99 {p99:.3f} ms")
     classifier = router._classifier
     config = load_config(config_path)
     fitted = fit.fit(*training_set(expert_profile(config.experts), dataset.load(dataset.TRAIN)))
@@ -230,9 +238,10 @@ def main() -> None:
     config = load_config(args.config)
     train, heldout = dataset.load(dataset.TRAIN), dataset.load(dataset.HELDOUT)
     own = sum(len(e.routing.examples) + len(e.routing.keywords) for e in config.experts)
-    stored = store.path(store.key(*training_set(expert_profile(config.experts), train)))
+    stored = store.path(store.key(*training_set(expert_profile(config.experts), train), embedding.key()))
     print(f"start-up: lingua's models {lingua_s:.2f} s, the router {router_s:.3f} s "
-          f"({'loaded from ' + stored.name if stored.is_file() else 'trained: no stored model, run make models'}); "
+          f"({'loaded from ' + stored.name if stored.is_file() else 'trained: no stored model, run make models'}, "
+          f"embedding stage {'on' if router._head is not None else 'off'}); "
           f"training it takes {training_s:.2f} s ({len(train)} corpus prompts + {own} config examples and keywords)")
     by_domain = {e.domain.lower(): e.id for e in config.experts}
     _generalisation(router, args.config, train)

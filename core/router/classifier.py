@@ -22,21 +22,24 @@ _TOKEN = re.compile(r"(?u)\b\w\w+\b")  # sklearn's default token pattern
 _WHITE_SPACES = re.compile(r"\s\s+")  # sklearn's whitespace normalisation before character n-grams
 
 
-def _ngrams(items: Sequence[str], low: int, high: int, join: Callable[[Sequence[str]], str]) -> list[str]:
-    grams = list(items) if low == 1 else []
-    for n in range(max(low, 2), min(high, len(items)) + 1):
-        grams += [join(items[i:i + n]) for i in range(len(items) - n + 1)]
-    return grams
-
-
 def word_terms(text: str) -> list[str]:
     """Lowercased word unigrams and bigrams, as sklearn's word analyzer with WORD_NGRAMS."""
-    return _ngrams(_TOKEN.findall(text.lower()), *WORD_NGRAMS, " ".join)
+    tokens = _TOKEN.findall(text.lower())
+    low, high = WORD_NGRAMS
+    terms = tokens[:] if low == 1 else []
+    for n in range(max(low, 2), min(high, len(tokens)) + 1):
+        terms += [" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return terms
 
 
 def char_terms(text: str) -> list[str]:
     """Character n-grams of the lowercased head, as sklearn's "char" analyzer with CHAR_NGRAMS."""
-    return _ngrams(_WHITE_SPACES.sub(" ", text[:CHAR_HEAD].lower()), *CHAR_NGRAMS, "".join)
+    head = _WHITE_SPACES.sub(" ", text[:CHAR_HEAD].lower())
+    low, high = CHAR_NGRAMS
+    terms = list(head) if low == 1 else []
+    for n in range(max(low, 2), min(high, len(head)) + 1):
+        terms += [head[i:i + n] for i in range(len(head) - n + 1)]
+    return terms
 
 
 @dataclass(frozen=True)
