@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 
 from core.config import EMBEDDED_CONFIG, AppConfig, load_config
 from core.protocol import ChatMessage
 from core.router import Router, dataset, embedding, evaluation, policy, store
-from tests.conftest import REPO
+from tests.conftest import REPO, FakeUpstream, Server, make_config
 
 TRAIN, HELDOUT = dataset.load(dataset.TRAIN), dataset.load(dataset.HELDOUT)
 
@@ -280,3 +281,24 @@ def test_a_damaged_embedding_table_is_refused_without_running_it(trained, tmp_pa
     with pytest.raises(store.Refused):
         embedding.load(embedding.key(), directory)
     assert not marker.exists()
+
+
+def test_v1_route_says_when_the_embedding_stage_decided(tmp_path) -> None:
+    """A real front on the stored router (as `make models` left it): /v1/route names the stage and its confidence."""
+    upstream = FakeUpstream(models=("echo",))
+    server = None
+    try:
+        config, _ = make_config(tmp_path, engine="fake", upstream=upstream.url)
+        server = Server("standard", config, tmp_path / "front.log").wait_healthy()
+        route = requests.post(server.url + "/v1/route", timeout=30,
+                              json={"messages": [{"role": "user", "content": "which folders are hogging my drive"}]})
+        assert route.status_code == 200, route.text
+        decision = route.json()
+        assert decision["stage"] == policy.EMBEDDING and decision["expert"] == "qwen_coder"
+        assert 0.0 < decision["confidence"] < policy.EMBEDDING_BELOW
+        assert decision["confidence"] == decision["scores"]["qwen_coder"] == max(decision["scores"].values())
+        assert "training the router now" not in (tmp_path / "front.log").read_text()
+    finally:
+        if server is not None:
+            server.stop()
+        upstream.stop()
