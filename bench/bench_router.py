@@ -1,11 +1,11 @@
 """The router: how long it takes to build, how often it is right on prompts it never saw, and how fast it decides.
 
-Prints the start-up cost (lingua's models and the classifier's training), top-1 and within-acceptable accuracy on the
-independent set (tests/router_independent.jsonl, another voice, never trained on) with its misses, cross-validation
-on the corpus grouped by paraphrase, top-1 on the held-out corpus with its confusion matrix and per-language
-accuracy, how often consensus would ask the multimodal expert, lingua's accuracy and cost on short texts, and p50/p99
+Prints the start-up cost (lingua's models, loading the stored classifier, and training it), top-1 and
+within-acceptable accuracy on the two independent sets (tests/router_independent*.jsonl, other voices, never trained
+on) with their misses, cross-validation on the corpus grouped by paraphrase, top-1 on the held-out corpus with its
+confusion matrix and per-language accuracy, how often consensus would ask the multimodal expert, lingua's accuracy and cost on short texts, and p50/p99
 decision time (wall clock and CPU) on held-out, independent, short and 2,000-char prompts and a five-turn
-conversation. Targets: independent top-1 >= 95 % and within acceptable >= 98 %, p99 < 1 ms.
+conversation. Targets: independent top-1 >= 95 % and within acceptable >= 98 % on both sets, p99 < 1 ms.
 
 Run from the repository root: ``.venv/bin/python -m bench.bench_router``.
 """
@@ -18,12 +18,10 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 
-import scipy.sparse
-
 from core.config import EMBEDDED_CONFIG, load_config
 from core.protocol import ChatMessage
-from core.router import Router, dataset, evaluation, language
-from core.router.policy import AGREEMENT, ENGLISH_FLOOR
+from core.router import Router, dataset, embedding, evaluation, fit, language, policy, store
+from core.router.policy import AGREEMENT, ENGLISH_FLOOR, expert_profile, training_set
 
 SHORT = (  # about 50 characters each, one per kind of decision
     "What is a good name for a golden retriever puppy?",
@@ -75,20 +73,23 @@ def _timed(call: Callable[[], object], rounds: int) -> tuple[list[float], list[f
     return wall, cpu
 
 
-def _build(config_path: str) -> tuple[Router, float, float]:
-    """The router, lingua's load time and the classifier's training time (seconds)."""
+def _build(config_path: str) -> tuple[Router, float, float, float]:
+    """The router as a front builds it, lingua's load time, the router's (from the store, if `make models` stored
+    it), and how long training it takes (seconds)."""
     started = time.perf_counter()
     language.preload()
     loaded = time.perf_counter()
     router = Router.from_config(load_config(config_path))
-    return router, loaded - started, time.perf_counter() - loaded
+    built = time.perf_counter()
+    policy.train(expert_profile(load_config(config_path).experts), dataset.load(dataset.TRAIN), router._embedding)
+    return router, loaded - started, built - loaded, time.perf_counter() - built
 
 
 def _generalisation(router: Router, config_path: str, train: Sequence[dataset.Example]) -> None:
-    """The independent set (with its misses) and cross-validation on the corpus grouped by paraphrase."""
+    """The independent sets (with their misses) and cross-validation on the corpus grouped by paraphrase."""
     config = load_config(config_path)
     domain_of = {e.id: e.domain.lower() for e in config.experts}
-    independent = evaluation.load_independent()
+    sets = {path.name: evaluation.load_independent(path) for path in evaluation.INDEPENDENT_SETS}
     sizes = evaluation.group_sizes(train)
     folds = evaluation.grouped_folds(train)
     routers = [Router(config.experts, config.default_expert, config.router.threshold,
@@ -100,21 +101,24 @@ def _generalisation(router: Router, config_path: str, train: Sequence[dataset.Ex
             return domain_of[decision.expert], decision.reason
         return decide
 
-    print(f"\nindependent set: {len(independent)} conversations, {len({c.lang for c in independent})} language tags, "
-          f"{sum(c.image for c in independent)} with an image, {sum(len(c.messages) > 1 for c in independent)} "
-          f"multi-turn")
+    for name, cases in sets.items():
+        print(f"\n{name}: {len(cases)} conversations, {len({c.lang for c in cases})} language tags, "
+              f"{sum(c.image for c in cases)} with an image, {sum(len(c.messages) > 1 for c in cases)} multi-turn")
     print(f"grouped {len(folds)}-fold cross-validation on the training corpus: {sum(sizes.values())} paraphrase "
           f"groups ({sum(n for size, n in sizes.items() if size > 1)} of 2-{max(sizes)} prompts)")
-    found = evaluation.score(route(router), independent)
-    print(f"  independent set: {found.line()}")
+    found = {name: evaluation.score(route(router), cases) for name, cases in sets.items()}
+    for name, score in found.items():
+        print(f"  {name}: {score.line()}")
     folded = [evaluation.score(route(fitted), [evaluation.as_case(train[i]) for i in test])
               for fitted, (_, test) in zip(routers, folds)]
     right, total = sum(f.top1 for f in folded), sum(f.total for f in folded)
     print(f"  grouped CV: top-1 {right}/{total} = {right / total:.1%} "
           f"(folds {', '.join(f'{f.top1 / f.total:.1%}' for f in folded)})")
-    print("  independent misses (best -> routed to, reason, last turn):")
-    for case, domain, reason in found.misses:
-        print(f"    {case.best:>12} -> {domain:<12} {reason[:28]:<28} {case.messages[-1].text[:70]!r}")
+    for name, score in found.items():
+        print(f"  {name} misses (best -> routed to, * when acceptable, reason, last turn):")
+        for case, domain, reason in score.misses:
+            ok = "*" if domain in case.acceptable else " "
+            print(f"    {case.best:>12} -> {domain:<12}{ok} {reason[:24]:<24} {case.messages[-1].text[:70]!r}")
 
 
 def _accuracy(router: Router, by_domain: dict[str, str], examples: Sequence[dataset.Example]) -> None:
@@ -185,10 +189,11 @@ def _language(router: Router, train: Sequence[dataset.Example], heldout: Sequenc
           f"the router calls it only when the classifier gives the multilingual domain >= {AGREEMENT}")
 
 
-def _latency(router: Router, rounds: int, examples: Sequence[dataset.Example]) -> None:
+def _latency(router: Router, config_path: str, rounds: int, examples: Sequence[dataset.Example]) -> None:
     cases = {
         "held-out (mix)": [(ChatMessage(role="user", content=e.text),) for e in examples],
-        "independent (mix)": [c.messages for c in evaluation.load_independent()],
+        "independent (mix)": [c.messages for path in evaluation.INDEPENDENT_SETS
+                              for c in evaluation.load_independent(path)],
         "short (~50 chars)": [(ChatMessage(role="user", content=text),) for text in SHORT],
         "long (2,000 chars)": [(ChatMessage(role="user", content=_long(seed)),) for seed in LONG_SEEDS],
         "5-turn chat": [CONVERSATION],
@@ -204,11 +209,20 @@ def _latency(router: Router, rounds: int, examples: Sequence[dataset.Example]) -
             cpu += c
         (w50, w99), (c50, c99) = _quantiles(wall), _quantiles(cpu)
         print(f"{name:<20} {len(wall):>10} {w50:>8.3f} {w99:>8.3f} {c50:>8.3f} {c99:>8.3f}")
+    by_stage: defaultdict[str, list[float]] = defaultdict(list)
+    for messages in [*cases["held-out (mix)"], *cases["independent (mix)"]]:
+        stage = router.route(messages).stage
+        by_stage[stage] += _timed(lambda: router.route(messages), 10)[0]
+    print("by the stage that decided (held-out and independent prompts, 10 timings each):")
+    for stage, wall in sorted(by_stage.items()):
+        p50, p99 = _quantiles(wall)
+        print(f"  {stage:<16} {len(wall) // 10:>5} prompts  p50 {p50:.3f} ms  p99 {p99:.3f} ms")
     classifier = router._classifier
+    config = load_config(config_path)
+    fitted = fit.fit(*training_set(expert_profile(config.experts), dataset.load(dataset.TRAIN)))
     wall, _ = _timed(lambda: [classifier.probabilities(classifier.scores(text).values) for text in SHORT], 200)
     ours = statistics.median(wall) / len(SHORT)
-    wall, _ = _timed(lambda: [classifier.model.predict_proba(scipy.sparse.hstack(
-        [v.transform([text]) for v in classifier.vectorizers], format="csr")) for text in SHORT], 40)
+    wall, _ = _timed(lambda: [fitted.predict_proba(text) for text in SHORT], 40)
     theirs = statistics.median(wall) / len(SHORT)
     print(f"baseline: sklearn's transform + predict_proba take {theirs:.3f} ms a short prompt, the router's "
           f"scoring of the same model {ours:.3f} ms ({theirs / ours:.0f}x less)")
@@ -220,17 +234,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6000, help="decisions timed per row")
     args = parser.parse_args()
 
-    router, lingua_s, training_s = _build(args.config)
+    router, lingua_s, router_s, training_s = _build(args.config)
     config = load_config(args.config)
     train, heldout = dataset.load(dataset.TRAIN), dataset.load(dataset.HELDOUT)
     own = sum(len(e.routing.examples) + len(e.routing.keywords) for e in config.experts)
-    print(f"start-up: lingua's models {lingua_s:.2f} s, classifier trained in {training_s:.2f} s "
-          f"({len(train)} corpus prompts + {own} config examples and keywords)")
+    stored = store.path(store.key(*training_set(expert_profile(config.experts), train), embedding.key()))
+    print(f"start-up: lingua's models {lingua_s:.2f} s, the router {router_s:.3f} s "
+          f"({'loaded from ' + stored.name if stored.is_file() else 'trained: no stored model, run make models'}, "
+          f"embedding stage {'on' if router._head is not None else 'off'}); "
+          f"training it takes {training_s:.2f} s ({len(train)} corpus prompts + {own} config examples and keywords)")
     by_domain = {e.domain.lower(): e.id for e in config.experts}
     _generalisation(router, args.config, train)
     _accuracy(router, by_domain, heldout)
     _language(router, train, heldout)
-    _latency(router, args.rounds, heldout)
+    _latency(router, args.config, args.rounds, heldout)
 
 
 if __name__ == "__main__":

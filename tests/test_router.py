@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.sparse
+from sklearn.feature_extraction.text import TfidfVectorizer
 
 from core.config import EMBEDDED_CONFIG, PRODUCTION_CONFIG, AppConfig, RoutingProfile, load_config
 from core.protocol import ChatMessage, ImagePart, ImageURL, TextPart
-from core.router import Router, dataset, evaluation, language, policy
+from core.router import Router, classifier, dataset, evaluation, fit, language, policy
+from core.router.classifier import DomainClassifier
 from core.router.code import code_evidence
 
 CASES = json.loads((Path(__file__).parent / "router_cases.json").read_text())
@@ -413,6 +414,11 @@ def test_concurrent_routing_gives_the_same_decisions(router: Router) -> None:
 # --- the classifier ----------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def fitted(config: AppConfig) -> fit.Fitted:
+    return fit.fit(*policy.training_set(policy.expert_profile(config.experts), TRAIN))
+
+
 @pytest.mark.parametrize("text", [
     "What is the capital of France?",
     "def f(x):\n    return x  # don't   panic!!",
@@ -422,23 +428,29 @@ def test_concurrent_routing_gives_the_same_decisions(router: Router) -> None:
     "Our service times out under load; the pool has twenty connections. " * 8,  # longer than CHAR_HEAD
     "",
 ])
-def test_the_fast_scoring_equals_sklearn(router: Router, text: str) -> None:
-    """The classifier scores requests without sklearn's per-call validation; the numbers must be sklearn's."""
-    classifier = router._classifier
-    features = scipy.sparse.hstack([v.transform([text]) for v in classifier.vectorizers], format="csr")
-    expected = classifier.model.predict_proba(features)[0]
-    np.testing.assert_allclose(classifier.probabilities(classifier.scores(text).values), expected, atol=1e-12)
+def test_the_fast_scoring_equals_sklearn(fitted: fit.Fitted, text: str) -> None:
+    """The classifier scores requests without sklearn; the numbers must be sklearn's."""
+    classifier = DomainClassifier(fitted.model())
+    np.testing.assert_allclose(classifier.probabilities(classifier.scores(text).values), fitted.predict_proba(text),
+                               atol=1e-12)
 
 
-def test_training_is_deterministic(router: Router, config: AppConfig) -> None:
-    again = policy.train(policy.expert_profile(config.experts), TRAIN)
-    first = router._classifier
-    assert again.classes == first.classes and again.vectorizers[1].vocabulary_ == first.vectorizers[1].vocabulary_
-    np.testing.assert_array_equal(again._weights, first._weights)
-    assert again._beta == first._beta
-    text = "How does a heat pump move heat?"
-    np.testing.assert_array_equal(again.probabilities(again.scores(text).values),
-                                  first.probabilities(first.scores(text).values))
+@pytest.mark.parametrize("text", ["Hello  world,\n\n  how are\tyou? x", "a", "", "日本語  テキスト", "C++ vs  C#"])
+def test_the_analyzers_are_sklearns(text: str) -> None:
+    """The fit passes the classifier's analyzers to sklearn; they must split text as sklearn's own would."""
+    words = TfidfVectorizer(ngram_range=classifier.WORD_NGRAMS).build_analyzer()
+    chars = TfidfVectorizer(analyzer="char", ngram_range=classifier.CHAR_NGRAMS,
+                            preprocessor=lambda t: t[:classifier.CHAR_HEAD].lower()).build_analyzer()
+    assert classifier.word_terms(text) == words(text)
+    assert classifier.char_terms(text) == chars(text)
+
+
+def test_training_is_deterministic(fitted: fit.Fitted, config: AppConfig) -> None:
+    first, again = fitted.model(), policy.train(policy.expert_profile(config.experts), TRAIN).classifier.model
+    assert (again.classes, again.words, again.chars, again.beta) == (first.classes, first.words, first.chars,
+                                                                     first.beta)
+    np.testing.assert_array_equal(again.weights, first.weights)
+    np.testing.assert_array_equal(again.idf, first.idf)
 
 
 # --- what decided ------------------------------------------------------------------------------
@@ -459,17 +471,28 @@ def test_a_rule_decision_says_the_rules_decided(router: Router) -> None:
 # --- the independent set and grouped cross-validation ------------------------------------------
 
 
-def test_the_independent_set_is_broad_and_never_trained_on() -> None:
-    cases = evaluation.load_independent()
-    assert len(cases) >= 300 and sum(c.image for c in cases) >= 30 and len({c.lang for c in cases}) >= 28
-    assert sum(len(c.messages) > 1 for c in cases) >= 20
+@pytest.mark.parametrize("path, least_turns, least_languages", [(evaluation.INDEPENDENT, 20, 28),
+                                                                (evaluation.INDEPENDENT_2, 40, 25)])
+def test_the_independent_sets_are_broad_and_never_trained_on(path: Path, least_turns: int,
+                                                              least_languages: int) -> None:
+    cases = evaluation.load_independent(path)
+    assert len(cases) >= 300 and sum(c.image for c in cases) >= 30 and len({c.lang for c in cases}) >= least_languages
+    assert sum(len(c.messages) > 1 for c in cases) >= least_turns
     assert all(c.best in c.acceptable and c.acceptable <= DOMAINS for c in cases)
 
     def normal(text: str) -> str:
         return " ".join(text.lower().split())
 
     corpus = {normal(e.text) for e in (*TRAIN, *HELDOUT)}
-    assert not {normal(m.text) for c in cases for m in c.messages} & corpus
+    assert not {normal(m.text) for c in cases for m in c.messages if m.text.strip()} & corpus
+
+
+def test_the_two_independent_sets_share_no_prompt() -> None:
+    first, second = (evaluation.load_independent(path) for path in evaluation.INDEPENDENT_SETS)
+    def prompts(cases: tuple[evaluation.Case, ...]) -> set[str]:
+        return {m.text for c in cases for m in c.messages if m.role == "user" and m.text.strip()}
+
+    assert not prompts(first) & prompts(second)
 
 
 def test_paraphrases_share_a_group_and_never_straddle_a_fold() -> None:

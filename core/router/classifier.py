@@ -1,35 +1,45 @@
-"""The domain classifier: TF-IDF over word and character n-grams, a linear SVM, temperature-scaled probabilities.
+"""The domain classifier as plain arrays: TF-IDF over word and character n-grams, a linear SVM's weights and a
+temperature, scored in a few numpy operations.
 
-scikit-learn fits everything (the two vectorizers, `LinearSVC`, `CalibratedClassifierCV(method="temperature")`),
-deterministically: fixed folds, a fixed seed, the corpus in file order. A request is then scored with the fitted
-analyzers, vocabularies, idf and weights in a few numpy operations, because sklearn's `transform` and
-`predict_proba` spend about 3 ms a call on this box validating their input, 17 times this scoring, against a routing
-budget of 1 ms. A test checks that both give the same probabilities.
+`core.router.fit` fits the model with scikit-learn; `core.router.store` saves and loads it. Scoring needs neither:
+sklearn's `transform` and `predict_proba` spend about 3 ms a call validating their input, 17 times this scoring,
+against a routing budget of 1 ms, and importing sklearn costs a front 1.2 s at start. The analyzers below are
+sklearn's (the fit uses them too); a test checks that both give the same probabilities.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 
 import numpy as np
-import scipy.sparse
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.model_selection import StratifiedKFold
-from sklearn.svm import LinearSVC
 
 WORD_NGRAMS = (1, 2)
 CHAR_NGRAMS = (1, 4)  # across word boundaries: spelling, morphology, any script, code, short phrases
-CHAR_MIN_DF = 2  # a character n-gram seen once is noise
 CHAR_HEAD = 96  # character n-grams read a text's head: they serve short texts, words carry long ones
-SVM_C = 1.0  # chosen by 5-fold cross-validation on the training corpus (0.5, 1, 2, 4 within half a point)
-CALIBRATION_FOLDS = 3  # temperature scaling fits one number: three folds of decision values are plenty
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # sklearn's default token pattern
+_WHITE_SPACES = re.compile(r"\s\s+")  # sklearn's whitespace normalisation before character n-grams
 
 
-def char_text(text: str) -> str:
-    """What the character n-grams read (sklearn's preprocessor for them, so fitting and scoring agree)."""
-    return text[:CHAR_HEAD].lower()
+def word_terms(text: str) -> list[str]:
+    """Lowercased word unigrams and bigrams, as sklearn's word analyzer with WORD_NGRAMS."""
+    tokens = _TOKEN.findall(text.lower())
+    low, high = WORD_NGRAMS
+    terms = tokens[:] if low == 1 else []
+    for n in range(max(low, 2), min(high, len(tokens)) + 1):
+        terms += [" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return terms
+
+
+def char_terms(text: str) -> list[str]:
+    """Character n-grams of the lowercased head, as sklearn's "char" analyzer with CHAR_NGRAMS."""
+    head = _WHITE_SPACES.sub(" ", text[:CHAR_HEAD].lower())
+    low, high = CHAR_NGRAMS
+    terms = list(head) if low == 1 else []
+    for n in range(max(low, 2), min(high, len(head)) + 1):
+        terms += [head[i:i + n] for i in range(len(head) - n + 1)]
+    return terms
 
 
 @dataclass(frozen=True)
@@ -40,12 +50,25 @@ class Scores:
     known_words: int
 
 
-class _Space:
-    """One fitted vectorizer as plain data: its analyzer and vocabulary, and where its columns start."""
+@dataclass(frozen=True)
+class Model:
+    """Everything scoring reads: the classes, each space's terms in column order, idf, the SVM and its temperature."""
 
-    def __init__(self, vectorizer: TfidfVectorizer, offset: int) -> None:
-        self.analyze: Callable[[str], list[str]] = vectorizer.build_analyzer()
-        self.vocabulary: dict[str, int] = vectorizer.vocabulary_
+    classes: tuple[str, ...]
+    words: tuple[str, ...]
+    chars: tuple[str, ...]
+    idf: np.ndarray  # words then chars
+    weights: np.ndarray  # features x (classes, or 1 for two)
+    intercept: np.ndarray
+    beta: float
+
+
+class _Space:
+    """One vectorizer's analyzer and vocabulary, and where its columns start."""
+
+    def __init__(self, analyze: Callable[[str], list[str]], terms: Sequence[str], offset: int) -> None:
+        self.analyze = analyze
+        self.vocabulary = dict(zip(terms, range(len(terms))))
         self.offset = offset
 
     def columns(self, text: str) -> np.ndarray:
@@ -55,26 +78,16 @@ class _Space:
 
 
 class DomainClassifier:
-    """Fitted once from labelled texts; `scores` and `probabilities` only read, so any thread may call them."""
+    """A fitted model; `scores` and `probabilities` only read, so any thread may call them."""
 
-    def __init__(self, texts: Sequence[str], domains: Sequence[str]) -> None:
-        self.vectorizers = (
-            TfidfVectorizer(ngram_range=WORD_NGRAMS, sublinear_tf=True),
-            TfidfVectorizer(analyzer="char", ngram_range=CHAR_NGRAMS, min_df=CHAR_MIN_DF, sublinear_tf=True,
-                            preprocessor=char_text),
-        )
-        features = scipy.sparse.hstack([v.fit_transform(texts) for v in self.vectorizers], format="csr")
-        self.model = CalibratedClassifierCV(LinearSVC(C=SVM_C, random_state=0), method="temperature",
-                                            cv=StratifiedKFold(CALIBRATION_FOLDS), ensemble=False)
-        self.model.fit(features, list(domains))
-        self.classes: tuple[str, ...] = tuple(self.model.classes_)
-        calibrated = self.model.calibrated_classifiers_[0]
-        self._weights = np.ascontiguousarray(calibrated.estimator.coef_.T)  # features x (classes, or 1 for two)
-        self._intercept = calibrated.estimator.intercept_
-        self._beta = float(calibrated.calibrators[0].beta_)
-        words, chars = self.vectorizers
-        self._spaces = (_Space(words, 0), _Space(chars, len(words.vocabulary_)))
-        self._idf = np.concatenate((words.idf_, chars.idf_))
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.classes = model.classes
+        self._spaces = (_Space(word_terms, model.words, 0), _Space(char_terms, model.chars, len(model.words)))
+        self._idf = model.idf
+        self._weights = np.ascontiguousarray(model.weights)
+        self._intercept = model.intercept
+        self._beta = model.beta
 
     def scores(self, text: str) -> Scores:
         """The SVM's decision values for one text: sublinear tf times idf, unit length in each space (as sklearn's
@@ -93,3 +106,14 @@ class DomainClassifier:
         logits = self._beta * (np.concatenate((-values, values)) if len(values) == 1 else values)
         exp = np.exp(logits - logits.max())
         return exp / exp.sum()
+
+
+@dataclass(frozen=True)
+class Head:
+    """A linear layer over sentence embeddings (`core.router.embedding`): decision values per class, like the SVM's."""
+
+    weights: np.ndarray  # dims x classes
+    intercept: np.ndarray
+
+    def values(self, vector: np.ndarray) -> np.ndarray:
+        return vector @ self.weights + self.intercept

@@ -6,13 +6,14 @@ or a turn that is mostly code goes to the coder. Everything else is the classifi
 are every decision's scores and order consensus's candidates, so an expert whose domain does not fit the text (the
 slow multimodal one, mostly) is asked only when a consensus needs more experts than fit.
 
-Every decision says what decided ("rules" or "tfidf") and with what confidence. A sentence-embedding stage for the
-prompts TF-IDF is unsure of (MiniLM's token table, pooled) was measured and left out: on the independent set it scored
-no better (90.4 % top-1 against 91.0 %) and it made each front's start-up six times longer (about 9.7 s against 1.5 s).
+Every decision says what decided ("rules", "tfidf", or "tfidf+embedding" when the classifier's probabilities were
+blended with a static sentence embedding's, `core.router.embedding`) and with what confidence. The embedding reads by
+meaning where TF-IDF matches words; it is used when `make models` has distilled its table.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,10 +22,13 @@ import numpy as np
 
 from core.config import AppConfig, ExpertConfig
 from core.protocol import ChatMessage
-from core.router import dataset, language
-from core.router.classifier import DomainClassifier, Scores
+from core.router import dataset, embedding, language, store
+from core.router.classifier import DomainClassifier, Head, Scores
 from core.router.code import CODE_SHARE, code_evidence
+from core.router.embedding import StaticEmbedding
 from core.router.turns import context, deciding_text, deciding_turn
+
+log = logging.getLogger(__name__)
 
 # A turn is foreign when lingua's confidence in English is under ENGLISH_FLOOR and the classifier gives the
 # multilingual domain at least AGREEMENT (both chosen on the training corpus). On short prompts (<= 60 characters)
@@ -33,7 +37,11 @@ from core.router.turns import context, deciding_text, deciding_turn
 ENGLISH_FLOOR = 0.1
 AGREEMENT = 0.2
 FIT = 0.05  # below this probability an expert does not fit the text: consensus asks it only to make up numbers
-RULES, TFIDF = "rules", "tfidf"  # what decided: a structural rule, or the classifier
+# The embedding stage is asked when TF-IDF's best probability is under EMBEDDING_BELOW; its head's log-probabilities
+# then weigh EMBEDDING_WEIGHT against TF-IDF's (both chosen by grouped cross-validation on the corpus).
+EMBEDDING_BELOW = 0.85
+EMBEDDING_WEIGHT = 0.5
+RULES, TFIDF, EMBEDDING = "rules", "tfidf", "tfidf+embedding"  # what decided: a rule, the classifier, or both stages
 
 
 @dataclass(frozen=True)
@@ -77,23 +85,62 @@ class _OneDomain:
         return np.ones(1)
 
 
-def train(profile: Profile, corpus: Sequence[dataset.Example]) -> DomainClassifier | _OneDomain:
-    """The classifier, trained on the corpus prompts of the experts' domains plus the experts' own examples and
-    keywords (which widen the vocabulary: +1.3 points of cross-validated accuracy on English prompts)."""
+def training_set(profile: Profile, corpus: Sequence[dataset.Example]) -> tuple[list[str], list[str]]:
+    """The texts and labels the classifier learns from: the corpus prompts of the experts' domains plus the experts'
+    own examples and keywords (which widen the vocabulary: +1.3 points of cross-validated accuracy on English
+    prompts)."""
     domains = {domain for domain, _ in profile}
-    if len(domains) == 1:
-        return _OneDomain(domains.pop())
     examples = [e for e in corpus if e.domain in domains]
     texts = [e.text for e in examples] + [text for _, own in profile for text in own]
     labels = [e.domain for e in examples] + [domain for domain, own in profile for _ in own]
-    return DomainClassifier(texts, labels)
+    return texts, labels
+
+
+@dataclass(frozen=True)
+class Trained:
+    """The TF-IDF classifier, and the embedding stage when the table is stored: its table and the head over it."""
+
+    classifier: DomainClassifier | _OneDomain
+    head: Head | None = None
+    embedding: StaticEmbedding | None = None
+
+
+@functools.cache
+def _embedding() -> StaticEmbedding | None:
+    """The stored embedding table, or None (with one warning) until `make models` has distilled it."""
+    try:
+        return embedding.load(embedding.key())
+    except store.Refused as refused:
+        log.warning("%s: routing without the embedding stage, with a classifier trained now (about 3 s); "
+                    "`make models` (python -m core.router.train) distils the table and trains the router once", refused)
+        return None
+
+
+def train(profile: Profile, corpus: Sequence[dataset.Example], table: StaticEmbedding | None = None) -> Trained:
+    """The classifier (and, given the embedding table, its head), trained now: cross-validation, and a front whose
+    stored model is missing."""
+    domains = {domain for domain, _ in profile}
+    if len(domains) == 1:
+        return Trained(_OneDomain(domains.pop()))
+    from core.router import fit  # sklearn: imported only when training, 1.2 s of a front's start otherwise
+    classifier, head = fit.train(*training_set(profile, corpus), table)
+    return Trained(classifier, head, table if head is not None else None)
 
 
 @functools.lru_cache(maxsize=8)
-def _classifier(profile: Profile) -> DomainClassifier | _OneDomain:
-    """Trained on the corpus in the package, cached per profile, since a process builds several routers over the
-    same experts (one per front, and many in the tests)."""
-    return train(profile, dataset.load(dataset.TRAIN))
+def _trained(profile: Profile) -> Trained:
+    """Loaded from the store (trained by `python -m core.router.train`), else trained now with one warning; cached
+    per profile, since a process builds several routers over the same experts (one per front, many in tests)."""
+    corpus = dataset.load(dataset.TRAIN)
+    table = _embedding() if len({domain for domain, _ in profile}) > 1 else None
+    if table is not None:
+        try:
+            classifier, head = store.load(store.key(*training_set(profile, corpus), embedding.key()))
+            return Trained(classifier, head, table) if head is not None else Trained(classifier)
+        except store.Refused as refused:
+            log.warning("%s: training the router now (about 4 s); after editing the corpus or the experts' routing "
+                        "profiles, retrain once with `make models` or `python -m core.router.train`", refused)
+    return train(profile, corpus, table)
 
 
 def _first(experts: Sequence[ExpertConfig], test: Callable[[ExpertConfig], bool]) -> str | None:
@@ -122,7 +169,8 @@ class Router:
         self.tool_experts = frozenset(e.id for e in experts if e.calls_tools)
         domains = [e.domain.lower() for e in experts]
         profile = expert_profile(experts)
-        self._classifier = _classifier(profile) if corpus is None else train(profile, corpus)
+        trained = _trained(profile) if corpus is None else train(profile, corpus, _embedding())
+        self._classifier, self._head, self._embedding = trained.classifier, trained.head, trained.embedding
         classes = self._classifier.classes
         # Each expert's share of its domain's probability (experts that share a domain split it).
         self._columns = np.array([classes.index(d) if d in classes else -1 for d in domains])
@@ -147,7 +195,11 @@ class Router:
         text = deciding_text(messages, last)
         turns = [turn for turn in ((1.0, text) if text.strip() else None, context(messages, last)) if turn]
         scored = [(weight, self._classifier.scores(turn)) for weight, turn in turns]
-        scores = self._scores(self._probabilities(scored))
+        probabilities = self._probabilities(scored)
+        consulted = self._head is not None and bool(turns) and probabilities.max() < EMBEDDING_BELOW
+        if consulted:
+            probabilities = self._with_embedding(probabilities, turns)
+        scores = self._scores(probabilities)
         expert, reason, confidence, rule = self._decide(messages, text, scored, scores)
         if tools and expert not in self.tool_experts:
             able = [e for e in scores if e in self.tool_experts]
@@ -155,7 +207,8 @@ class Router:
                 reason = f"tools: {expert} ({reason}) cannot call tools; the best expert that can"
                 expert, confidence, rule = able[0], scores[able[0]], True
         elapsed_ms = (time.perf_counter() - started) * 1000.0
-        return RouteDecision(expert, scores, reason, confidence, elapsed_ms, self.experts, RULES if rule else TFIDF)
+        stage = RULES if rule else EMBEDDING if consulted else TFIDF
+        return RouteDecision(expert, scores, reason, confidence, elapsed_ms, self.experts, stage)
 
     def _decide(self, messages: Sequence[ChatMessage], text: str, scored: list[tuple[float, Scores]],
                 scores: dict[str, float]) -> tuple[str, str, float, bool]:
@@ -194,12 +247,34 @@ class Router:
         """
         if not scored:
             return self._classifier.probabilities(self._classifier.scores("").values)
-        weights = np.array([weight for weight, _ in scored])
-        rows = np.array([s.values for _, s in scored])
-        values = weights @ rows / weights.sum()
-        if self._multilingual_class is not None and rows.shape[1] > 1:  # (two classes share one value: kept mean)
-            values[self._multilingual_class] = rows[0, self._multilingual_class]
-        return self._classifier.probabilities(values)
+        return self._classifier.probabilities(self._turn_mean([(weight, s.values) for weight, s in scored]))
+
+    def _turn_mean(self, rows: list[tuple[float, np.ndarray]]) -> np.ndarray:
+        """The weighted mean of the turns' values, but the deciding turn's own value for the multilingual class."""
+        weights = np.array([weight for weight, _ in rows])
+        values = np.array([row for _, row in rows])
+        mean = weights @ values / weights.sum()
+        if self._multilingual_class is not None and values.shape[1] > 1:  # (two classes share one value: kept mean)
+            mean[self._multilingual_class] = values[0, self._multilingual_class]
+        return mean
+
+    def _with_embedding(self, tfidf: np.ndarray, turns: list[tuple[float, str]]) -> np.ndarray:
+        """TF-IDF's probabilities blended with the embedding head's, geometrically (EMBEDDING_WEIGHT): the head reads
+        the turns as the classifier does. It has no say on the multilingual class, whose probability stays TF-IDF's:
+        the table is English-only and takes any text about language for a language request ("the translation
+        lookaside buffer"), so the head only shares out the rest among the other classes."""
+        logits = self._turn_mean([(weight, self._head.values(self._embedding.vector(turn))) for weight, turn in turns])
+        head = np.exp(logits - logits.max())
+        own = self._multilingual_class
+        if own is not None:
+            head[own] = 0.0
+            head *= (1.0 - tfidf[own]) / head.sum()
+            head[own] = tfidf[own]
+        else:
+            head /= head.sum()
+        blended = (1.0 - EMBEDDING_WEIGHT) * np.log(tfidf + 1e-12) + EMBEDDING_WEIGHT * np.log(head + 1e-12)
+        exp = np.exp(blended - blended.max())
+        return exp / exp.sum()
 
     def _scores(self, probabilities: np.ndarray) -> dict[str, float]:
         """Every expert's probability, highest first, ties in config order."""
