@@ -258,6 +258,11 @@ def parse_cores(cores: str) -> set[int]:
     return found
 
 
+def runner_socket(runtime: Path, key: str) -> Path:
+    """Where a runner listens: its key's hash, short enough for sun_path in any runtime folder."""
+    return runtime / f"{key.rsplit('-', 1)[-1]}.sock"
+
+
 # What a runner inherits from the host's environment: locale, paths and the engine's own knobs, never the fronts'
 # secrets (API keys, tokens). What the runner's plan sets (plan.env) is added on top.
 _ENV_NAMES = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH",
@@ -296,7 +301,7 @@ class RunnerProcess:
                     ) -> "RunnerProcess":
         """Launch the server on a unix socket in `runtime` (private to this user) with a fresh API key, given in
         its environment, never on its command line; returns at once (see `wait_ready`)."""
-        socket_path = check_socket_path(runtime / f"{key.rsplit('-', 1)[-1]}.sock")
+        socket_path = check_socket_path(runner_socket(runtime, key))
         socket_path.unlink(missing_ok=True)
         api_key = secrets.token_urlsafe(32)
         log_path = log_dir / f"{key}.log"
