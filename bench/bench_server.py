@@ -1,8 +1,9 @@
 """The front's overhead: the same streamed requests sent straight to the expert's runner and through the
 standard front (8082's kind), in alternating rounds of one run, at 1 and 8 concurrent streams.
 
-Straight to the runner, each request carries what the front would add (the expert's system prompt and sampling
-defaults), so both sides generate the same tokens. Prints tokens/s and time to first token of each, and the ratio
+Straight to the runner (on its unix socket, with the key of its start, both from a lease the bench takes from the
+host and gives back at once), each request carries what the front would add (the expert's system prompt and
+sampling defaults), so both sides generate the same tokens. Prints tokens/s and time to first token of each, and the ratio
 front / runner (1.00 means no overhead).
 
     .venv/bin/python -m bench.bench_server [--rounds 3] [--requests 16] [--max-tokens 128]
@@ -14,10 +15,24 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from bench.suite import Run, bench_config, fronts, load, messages, models, wait_ready
+from bench.suite import Run, bench_config, fronts, load, messages, wait_ready
 from core.config import load_config
+from core.front.host_client import HostClient
+from core.host.protocol import Grant, HostAddress
 
 EXPERT = "phi4_fast"
+
+
+async def runner_grant(config: Path) -> Grant:
+    """The runner's socket and key, as the fronts get them; the slot is given back at once (the key holds for
+    the runner's life)."""
+    client = HostClient(config, HostAddress.for_config(config, load_config(config)))
+    await client.start()
+    try:
+        async with client.lease(EXPERT) as grant:
+            return grant
+    finally:
+        await client.close()
 
 
 async def main() -> None:
@@ -31,23 +46,24 @@ async def main() -> None:
         expert = load_config(config).expert(EXPERT)
         with fronts(config, ("standard",)) as (front,):
             await wait_ready(front.url, [EXPERT])
-            engine = (await models(front.url))[EXPERT]["engine"]
+            grant = await runner_grant(config)
             sampling = {"temperature": 0, "max_tokens": args.max_tokens, "ignore_eos": True}
             through_front = lambda i: {"model": EXPERT, "messages": messages(i), **sampling}  # noqa: E731
-            straight = lambda i: {"model": engine["key"], **sampling, "top_p": expert.sampling.top_p,  # noqa: E731
+            straight = lambda i: {"model": grant.model, **sampling, "top_p": expert.sampling.top_p,  # noqa: E731
                                   "messages": [{"role": "system", "content": expert.system_prompt}, *messages(i)]}
-            targets = {"runner": (engine["base_url"], straight), "front": (front.url, through_front)}
+            on_socket = {"unix_socket": grant.socket, "api_key": grant.api_key}
+            targets = {"runner": ("http://runner", straight, on_socket), "front": (front.url, through_front, {})}
             await load(front.url, through_front, 2, 2)  # warm-up
-            print(f"runner pid {engine['pid']} at {engine['base_url']}; {args.rounds} alternating rounds of "
+            print(f"runner pid {grant.pid} on {grant.socket}; {args.rounds} alternating rounds of "
                   f"{args.requests} streams of {args.max_tokens} tokens")
             print(f"{'streams':>8}{'runner tok/s':>14}{'front tok/s':>13}{'ratio':>8}{'runner ttft ms':>16}"
                   f"{'front ttft ms':>15}")
             for concurrency in (1, 8):
                 totals: dict[str, list[Run]] = {name: [] for name in targets}
                 for _ in range(args.rounds):
-                    for name, (url, body) in targets.items():
+                    for name, (url, body, where) in targets.items():
                         requests = args.requests if concurrency > 1 else max(2, args.requests // 2)
-                        totals[name].append(await load(url, body, requests, concurrency))
+                        totals[name].append(await load(url, body, requests, concurrency, **where))
                 rate = {n: sum(r.tokens for r in runs) / sum(r.wall_s for r in runs) for n, runs in totals.items()}
                 ttft = {n: Run(1, 0, [t for r in runs for t in r.ttft_s]).ttft_p50_ms for n, runs in totals.items()}
                 print(f"{concurrency:>8}{rate['runner']:>14.1f}{rate['front']:>13.1f}"
