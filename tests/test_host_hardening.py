@@ -479,3 +479,33 @@ def test_runner_output_rotates_by_size(tmp_path):
     assert all(p.stat().st_size <= 1_000_000 for p in tmp_path.iterdir())
     assert log_path.read_text().rstrip().endswith("line 039999 " + "x" * 60)
     assert (tmp_path / "runner.log.1").stat().st_size > 500_000  # the older file is a whole one, not a sliver
+
+
+# ---------------------------------------------------------------- upstream reads follow the request's deadline
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_upstream_silence_lasts_until_the_requests_deadline_not_a_fixed_read_timeout(fake_upstream, stream):
+    """A runner's client has no read timeout of its own: a hung answer ends at the deadline it is given (here
+    1.5 s), and a cap (read_timeout_s, remote experts) still cuts a silence shorter than the deadline."""
+    from core.upstream import Failure, Upstream, UpstreamError
+
+    body = {"model": "echo[[hang]]", "messages": HELLO, "stream": stream}
+
+    async def silence(read_timeout_s: float | None, deadline_s: float) -> float:
+        upstream = Upstream(fake_upstream.url, where="the test's upstream", read_timeout_s=read_timeout_s)
+        started = asyncio.get_running_loop().time()
+        try:
+            with pytest.raises(UpstreamError) as raised:
+                if stream:
+                    async for _ in upstream.stream(CHAT, body, started + deadline_s):
+                        pass
+                else:
+                    await upstream.complete(CHAT, body, started + deadline_s)
+        finally:
+            await upstream.close()
+        assert raised.value.failure is Failure.TIMEOUT
+        return asyncio.get_running_loop().time() - started
+
+    assert 1.5 <= await silence(None, 1.5) < 2.5
+    assert 0.5 <= await silence(0.5, 30.0) < 1.5
