@@ -13,7 +13,6 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from core.config import AppConfig, ExpertConfig
