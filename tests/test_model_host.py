@@ -309,7 +309,7 @@ class InstantRunners(RunnerPool):
         await asyncio.sleep(self.start_s)
         runner.base_url = "http://127.0.0.1:9"
 
-    async def _stop(self, runner) -> None:
+    async def _stop(self, runner, grace_s: float = 0.0) -> None:
         if self.fail_next_stop:
             self.fail_next_stop = False
             raise RuntimeError("the runner would not stop")
