@@ -469,8 +469,10 @@ def test_runner_output_rotates_by_size(tmp_path):
     script = "import sys\nfor i in range(40000): sys.stdout.write(f'line {i:06d} ' + 'x' * 60 + '\\n')\n"
 
     async def run() -> None:
-        process = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE)
-        await copy_output(process.stdout, RotatingLog(log_path, max_bytes=1_000_000, backups=1))
+        read_end, write_end = os.pipe()
+        process = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=write_end)
+        os.close(write_end)
+        await copy_output(read_end, RotatingLog(log_path, max_bytes=1_000_000, backups=1))
         await process.wait()
 
     asyncio.run(run())

@@ -315,18 +315,22 @@ class RunnerProcess:
             "VLLM_API_KEY": api_key, "VLLM_RPC_BASE_PATH": str(runtime), RUNNER_ENV: str(log_path),
             PARENT_ENV: str(os.getpid())})
         output_log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+        read_end, write_end = os.pipe()
         try:
             process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=write_end, stderr=write_end, env=env,
+                start_new_session=True)
         except BaseException:
+            os.close(read_end)
             output_log.close()
             raise
+        finally:
+            os.close(write_end)
         try:  # before the interpreter has started a thread: every process and thread vLLM starts inherits it
             os.sched_setaffinity(process.pid, cpus)
         except ProcessLookupError:
             pass
-        output = asyncio.create_task(copy_output(process.stdout, output_log))
+        output = asyncio.create_task(copy_output(read_end, output_log))
         log.info("runner %s starting: pid %d on %s, cores %s, log %s", key, process.pid, socket_path, cores,
                  log_path)
         return cls(key, process, socket_path, api_key, log_path, output)

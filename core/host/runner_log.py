@@ -3,6 +3,7 @@ moves the file aside once it passes a size, so a chatty or long-lived engine nev
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 MAX_BYTES = 20 * 2**20
@@ -38,10 +39,16 @@ class RotatingLog:
         self._file.close()
 
 
-async def copy_output(stream: asyncio.StreamReader, log: RotatingLog) -> None:
-    """Until the runner closes its output (it exited); the log is closed then."""
+async def copy_output(pipe: int, log: RotatingLog) -> None:
+    """The read end of a pipe into the log, until every writer closed it (the runner and its children exited).
+    A bare pipe, not asyncio's subprocess pipe: that one would hold the runner's exit back until its children,
+    which share the pipe, are gone too."""
+    reader = asyncio.StreamReader()
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(pipe, "rb", buffering=0))
     try:
-        while chunk := await stream.read(1 << 16):
+        while chunk := await reader.read(1 << 16):
             log.write(chunk)
     finally:
+        transport.close()
         log.close()
