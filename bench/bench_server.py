@@ -2,8 +2,9 @@
 standard front (8082's kind), in alternating rounds of one run, at 1, 8 and 16 concurrent streams.
 
 Both sides sample alike: through the front the expert's defaults apply (temperature, top_p); straight to the
-runner each request carries them and the system prompt, as the front would add them. Prints tokens/s and time to first token of each, and the ratio
-front / runner (1.00 means no overhead).
+runner (on its unix socket, with the key of its start, both from a lease the bench takes from the host and gives
+back at once) each request carries them and the system prompt, as the front would add them. Prints tokens/s and
+time to first token of each, and the ratio front / runner (1.00 means no overhead).
 
     .venv/bin/python -m bench.bench_server [--rounds 3] [--requests 16] [--max-tokens 128]
 """
@@ -14,10 +15,24 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from bench.suite import Run, bench_config, fronts, load, messages, models, wait_ready
+from bench.suite import Run, bench_config, fronts, load, messages, wait_ready
 from core.config import load_config
+from core.front.host_client import HostClient
+from core.host.protocol import Grant, HostAddress
 
 EXPERT = "phi4_fast"
+
+
+async def runner_grant(config: Path) -> Grant:
+    """The runner's socket and key, as the fronts get them; the slot is given back at once (the key holds for
+    the runner's life)."""
+    client = HostClient(config, HostAddress.for_config(config, load_config(config)))
+    await client.start()
+    try:
+        async with client.lease(EXPERT) as grant:
+            return grant
+    finally:
+        await client.close()
 
 
 async def main() -> None:
@@ -31,15 +46,16 @@ async def main() -> None:
         expert = load_config(config).expert(EXPERT)
         with fronts(config, ("standard",)) as (front,):
             await wait_ready(front.url, [EXPERT])
-            engine = (await models(front.url))[EXPERT]["engine"]
+            grant = await runner_grant(config)
             length = {"max_tokens": args.max_tokens, "ignore_eos": True}
             defaults = {"temperature": expert.sampling.temperature, "top_p": expert.sampling.top_p}
             through_front = lambda i: {"model": EXPERT, "messages": messages(i), **length}  # noqa: E731
-            straight = lambda i: {"model": engine["key"], **length, **defaults,  # noqa: E731
+            straight = lambda i: {"model": grant.model, **length, **defaults,  # noqa: E731
                                   "messages": [{"role": "system", "content": expert.system_prompt}, *messages(i)]}
-            targets = {"runner": (engine["base_url"], straight), "front": (front.url, through_front)}
+            on_socket = {"unix_socket": grant.socket, "api_key": grant.api_key}
+            targets = {"runner": ("http://runner", straight, on_socket), "front": (front.url, through_front, {})}
             await load(front.url, through_front, 2, 2)  # warm-up
-            print(f"runner pid {engine['pid']} at {engine['base_url']}; {args.rounds} alternating rounds of "
+            print(f"runner pid {grant.pid} on {grant.socket}; {args.rounds} alternating rounds of "
                   f"{args.requests} streams of {args.max_tokens} tokens, temperature {defaults['temperature']}, "
                   f"top_p {defaults['top_p']}")
             print(f"{'streams':>8}{'runner tok/s':>14}{'front tok/s':>13}{'ratio':>8}{'runner ttft ms':>16}"
@@ -47,9 +63,9 @@ async def main() -> None:
             for concurrency in (1, 8, 16):
                 totals: dict[str, list[Run]] = {name: [] for name in targets}
                 for _ in range(args.rounds):
-                    for name, (url, body) in targets.items():
+                    for name, (url, body, where) in targets.items():
                         requests = args.requests if concurrency > 1 else max(2, args.requests // 2)
-                        totals[name].append(await load(url, body, requests, concurrency))
+                        totals[name].append(await load(url, body, requests, concurrency, **where))
                 rate = {n: sum(r.tokens for r in runs) / sum(r.wall_s for r in runs) for n, runs in totals.items()}
                 ttft = {n: Run(1, 0, [t for r in runs for t in r.ttft_s]).ttft_p50_ms for n, runs in totals.items()}
                 print(f"{concurrency:>8}{rate['runner']:>14.1f}{rate['front']:>13.1f}"

@@ -143,12 +143,16 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, body: dict[str, 
     return (first if first is not None else time.monotonic() - started), tokens
 
 
-async def load(url: str, body_for, requests: int, concurrency: int) -> Run:
-    """`requests` streamed chat completions, `concurrency` at a time; body_for(i) gives each request's body."""
+async def load(url: str, body_for, requests: int, concurrency: int, unix_socket: str | None = None,
+               api_key: str | None = None) -> Run:
+    """`requests` streamed chat completions, `concurrency` at a time; body_for(i) gives each request's body. A
+    runner is reached on its `unix_socket` (url: any http://name) with its `api_key`."""
     semaphore = asyncio.Semaphore(concurrency)
     ttft: list[float] = []
     tokens = 0
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900),
+                                     connector=aiohttp.UnixConnector(unix_socket) if unix_socket else None,
+                                     headers={"Authorization": f"Bearer {api_key}"} if api_key else None) as session:
         async def one(i: int) -> None:
             nonlocal tokens
             async with semaphore:

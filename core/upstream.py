@@ -1,11 +1,14 @@
 """The one client for OpenAI-compatible upstreams: local runners the host started, and remote experts.
 
 It posts a request body and returns the JSON answer, or the SSE stream's events as they arrive. Leaving a
-stream early closes the connection, which vLLM (and Capibara6) take as an abort. Failures are raised as
+stream early closes the connection, which vLLM (and Capibara6) take as an abort. A local runner is reached on its
+unix socket (checked to be this user's) with the key of its current start; a remote one over TCP. How long a
+request may wait for bytes is its own deadline's business, not a fixed figure. Failures are raised as
 `UpstreamError`s that say what happened; the HTTP layer decides what status a client sees.
 """
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 from collections.abc import AsyncIterator
@@ -14,6 +17,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from core.local_ipc import SameUserConnector
+
 # `vllm serve` closes idle keep-alive connections after 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE): drop ours sooner, so
 # that a request never goes out on a connection the server is closing.
 _KEEPALIVE_S = 4.0
@@ -21,7 +26,7 @@ _KEEPALIVE_S = 4.0
 
 class Failure(str, enum.Enum):
     UNREACHABLE = "unreachable"   # nothing listens, or the connection was refused
-    TIMEOUT = "timeout"           # it accepted the request but sent nothing for read_timeout_s
+    TIMEOUT = "timeout"           # it accepted the request but sent nothing for read_timeout_s or until the deadline
     BROKEN = "broken"             # the answer stopped half-way or is not OpenAI-shaped
     UNAVAILABLE = "unavailable"   # it answered 503
     MISCONFIGURED = "misconfigured"  # 401/403/404: our key, URL or model name is wrong, not the client's request
@@ -43,26 +48,39 @@ class UpstreamError(Exception):
 
 
 class Upstream:
-    """An OpenAI-compatible server at `base_url`, with a pooled session of at most `max_connections`."""
+    """An OpenAI-compatible server at `base_url` (or on the unix socket `unix_socket`, with `api_key`), with a
+    pooled session of at most `max_connections`. `read_timeout_s` caps a silence even before the request's
+    deadline; None leaves it to the deadline alone."""
 
-    def __init__(self, base_url: str, *, where: str, api_key_env: str | None = None, connect_timeout_s: float = 5.0,
-                 read_timeout_s: float = 120.0, max_connections: int = 64):
-        self.base_url = base_url.rstrip("/").removesuffix("/v1")  # accept OpenAI-client style URLs
+    def __init__(self, base_url: str, *, where: str, api_key_env: str | None = None, api_key: str | None = None,
+                 unix_socket: str | None = None, connect_timeout_s: float = 5.0,
+                 read_timeout_s: float | None = 120.0, max_connections: int = 64):
+        self.base_url = base_url.rstrip("/").removesuffix("/v1") if not unix_socket else "http://runner"
         self.where = where
+        self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         headers: dict[str, str] = {}
         if api_key_env:
-            key = os.environ.get(api_key_env)
-            if not key:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
                 raise UpstreamError(Failure.MISCONFIGURED, f"the environment variable {api_key_env} named by "
                                                            "engine.api_key_env is not set")
-            headers["Authorization"] = f"Bearer {key}"
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        connector = (SameUserConnector(unix_socket, limit=max_connections, keepalive_timeout=_KEEPALIVE_S)
+                     if unix_socket else aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=_KEEPALIVE_S))
         self._session = aiohttp.ClientSession(
-            headers=headers,
-            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=_KEEPALIVE_S),
-            json_serialize=lambda value: orjson.dumps(value).decode(),
-            # sock_connect, not connect: the latter also counts waiting for a pooled connection
-            timeout=aiohttp.ClientTimeout(sock_connect=connect_timeout_s, sock_read=read_timeout_s))
+            headers=headers, connector=connector, json_serialize=lambda value: orjson.dumps(value).decode(),
+            timeout=self._timeout(None))
+
+    def _timeout(self, deadline: float | None) -> aiohttp.ClientTimeout:
+        """sock_connect, not connect: the latter also counts waiting for a pooled connection. A silence may last
+        until the deadline (loop time), and no longer than read_timeout_s."""
+        limits = [limit for limit in (self.read_timeout_s,
+                                      None if deadline is None else deadline - asyncio.get_running_loop().time())
+                  if limit is not None]
+        return aiohttp.ClientTimeout(sock_connect=self.connect_timeout_s,
+                                     sock_read=max(0.001, min(limits)) if limits else None)
 
     async def close(self) -> None:
         await self._session.close()
@@ -80,10 +98,11 @@ class Upstream:
             raise UpstreamError(Failure.BROKEN, f"{self.where} answered its model list in a shape that is not "
                                                 "OpenAI's") from None
 
-    async def complete(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, path: str, body: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
         """POST a non-streamed request; the decoded JSON answer."""
         try:
-            async with self._session.post(f"{self.base_url}{path}", json=body) as response:
+            async with self._session.post(f"{self.base_url}{path}", json=body,
+                                          timeout=self._timeout(deadline)) as response:
                 await self._check_status(response)
                 answer = orjson.loads(await response.read())
         except (aiohttp.ClientError, TimeoutError) as error:
@@ -94,10 +113,12 @@ class Upstream:
             raise UpstreamError(Failure.BROKEN, f"{self.where} answered with something that is not an object")
         return answer
 
-    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, path: str, body: dict[str, Any], deadline: float | None = None
+                     ) -> AsyncIterator[dict[str, Any]]:
         """POST a streamed request; its SSE events up to [DONE]. Closing the iterator closes the connection."""
         try:
-            async with self._session.post(f"{self.base_url}{path}", json=body) as response:
+            async with self._session.post(f"{self.base_url}{path}", json=body,
+                                          timeout=self._timeout(deadline)) as response:
                 await self._check_status(response)
                 try:
                     async for event in _sse_events(response):
@@ -138,8 +159,8 @@ class Upstream:
         if isinstance(error, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
             return UpstreamError(Failure.UNREACHABLE, f"{self.where} is unreachable ({error})")
         if isinstance(error, TimeoutError):
-            return UpstreamError(Failure.TIMEOUT, f"{self.where} sent nothing for {self.read_timeout_s:g} s "
-                                                  "(engine.read_timeout_s)")
+            return UpstreamError(Failure.TIMEOUT, f"{self.where} sent nothing in time (engine.read_timeout_s "
+                                                  "or the request's timeout)")
         return UpstreamError(Failure.BROKEN, f"{self.where} failed mid-response ({error or type(error).__name__})")
 
 

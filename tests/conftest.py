@@ -176,6 +176,24 @@ class Server:
         return self.process.returncode
 
 
+def runner_metrics(server: Server, expert: str) -> str:
+    """The expert's runner's own /metrics, read on its unix socket (vLLM asks no key for it; the folder is ours)."""
+    from core.config import load_config
+    from core.host.protocol import HostAddress
+    from core.host.runner import runner_socket
+
+    address = HostAddress.for_config(server.config, load_config(server.config))
+    path = runner_socket(address.runners, server.models()[expert]["engine"]["key"])
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: runner\r\n\r\n")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200"), head
+    return body.decode()
+
+
 def process_pss(pid: int) -> int:
     """Proportional set size of one process (shared pages split among their users)."""
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from core.config import EMBEDDED_CONFIG, ServerConfig, load_config
 from core.host.protocol import HostAddress
 from tests.conftest import (FAKE_MODELS, FLOAT32_DIR, REPO, FakeUpstream, Server, alive, fake_engine, free_port,
-                            host_pids, make_config, write_config)
+                            host_pids, make_config, runner_metrics, write_config)
 
 CHAT = "/v1/chat/completions"
 PATH = re.compile(r"(?:/[\w.@+-]+){2,}")
@@ -205,10 +205,13 @@ def test_a_failed_request_clears_on_the_next_success_and_503_is_retryable(tmp_pa
 
 
 def test_load_failure_is_a_retryable_503_for_that_expert_and_is_retried(tmp_path, start_server, fake_upstream):
-    """An upstream that does not serve the expert's model: the expert fails to load, each request tries again, and
-    the others load and answer."""
-    server = start_fake(tmp_path, start_server, fake_upstream, {"qwen_coder": {"remote_model": "echo[[missing]]"}})
-    error = assert_retryable(chat(server, "qwen_coder"), 503, "expert_load_failed")
+    """An upstream that does not serve the expert's model: the expert fails to load, a request during the backoff
+    is told when to come back without a new attempt, the next one after it tries again, and the others load and
+    answer."""
+    server = start_fake(tmp_path, start_server, fake_upstream, {"qwen_coder": {"remote_model": "echo[[missing]]"}},
+                        restart_backoff_s=2.0)
+    failed = chat(server, "qwen_coder")
+    error = assert_retryable(failed, 503, "expert_load_failed")
     assert "qwen_coder" in error["message"] and "does not serve the model 'echo[[missing]]'" in error["message"]
     health = expert_health(server, "qwen_coder")
     assert health["state"] == "failed" and "echo[[missing]]" in health["error"]
@@ -218,12 +221,17 @@ def test_load_failure_is_a_retryable_503_for_that_expert_and_is_retried(tmp_path
     assert chat(server, "phi4_fast").status_code == 200  # the other experts load and answer
     assert expert_health(server, "phi4_fast") == {"state": "ready", "error": None}
 
-    assert_retryable(chat(server, "qwen_coder"), 503, "expert_load_failed")  # the next request loads again
+    assert_retryable(chat(server, "qwen_coder"), 503, "restart_backoff")  # within the backoff: no new attempt
+    assert server.stats()["experts"]["qwen_coder"]["load_failures"] == 1
+    time.sleep(int(failed.headers["Retry-After"]))
+    again = chat(server, "qwen_coder")
+    assert_retryable(again, 503, "expert_load_failed")  # after it, the next request loads again
+    assert int(again.headers["Retry-After"]) >= 4  # and the backoff doubled
     stats = server.stats()["experts"]
     assert (stats["qwen_coder"]["loads"], stats["qwen_coder"]["load_failures"]) == (0, 2)
     assert (stats["phi4_fast"]["loads"], stats["phi4_fast"]["load_failures"]) == (1, 0)
-    assert stats["qwen_coder"]["requests"] == stats["qwen_coder"]["errors"] == 2
-    assert server.stats()["http_errors"] == {"503": 2}
+    assert stats["qwen_coder"]["requests"] == stats["qwen_coder"]["errors"] == 3
+    assert server.stats()["http_errors"] == {"503": 3}
 
 
 # ---------------------------------------------------------------- an upstream hung past the expert's timeout
@@ -343,8 +351,7 @@ STORY = "Write a very long story about a lighthouse keeper and the sea."
 
 def runner_requests(server: Server, expert: str) -> float:
     """Requests running or waiting in the expert's vLLM runner, from the runner's own /metrics."""
-    base_url = server.models()[expert]["engine"]["base_url"]
-    text = requests.get(base_url + "/metrics", timeout=10).text
+    text = runner_metrics(server, expert)
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                if sample.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"))
 
@@ -388,6 +395,7 @@ def test_real_model_directory_missing_is_a_retryable_503_and_recovers(vllm_fault
     assert chat(server, "qwen_coder", **body).status_code == 200
 
     missing.symlink_to(FLOAT32_DIR)
+    time.sleep(1.0)  # the first retry backoff (restart_backoff_s)
     recovered = chat(server, "phi4_fast", "What is the capital of France?", timeout=300, **body)
     assert recovered.status_code == 200, recovered.text
     assert recovered.json()["choices"][0]["message"]["content"].strip()

@@ -23,6 +23,7 @@ from core.config import load_config
 from core.host.admission import Admission
 from core.host.lifecycle import HostError, RunnerPool, State
 from core.host.model_host import ModelHost
+from core.host.protocol import HostAddress
 from core.harness.processes import suite_pss
 from tests.conftest import (FakeUpstream, Server, alive, fake_engine, host_pids, make_config, process_tree,
                             write_config)
@@ -308,7 +309,7 @@ class InstantRunners(RunnerPool):
         await asyncio.sleep(self.start_s)
         runner.base_url = "http://127.0.0.1:9"
 
-    async def _stop(self, runner) -> None:
+    async def _stop(self, runner, grace_s: float = 0.0) -> None:
         if self.fail_next_stop:
             self.fail_next_stop = False
             raise RuntimeError("the runner would not stop")
@@ -323,7 +324,8 @@ def distinct_runners(tmp_path: Path, **server) -> ModelHost:
     for seed, expert in enumerate(config["experts"]):
         expert["engine"]["seed"] = seed
     loaded = load_config(write_config(path, config))
-    return ModelHost(loaded, tmp_path / "logs", InstantRunners(loaded, tmp_path / "logs"))
+    address = HostAddress.for_config(path, loaded)
+    return ModelHost(loaded, address, InstantRunners(loaded, address))
 
 
 async def test_two_cold_starts_never_both_pass_the_cap(tmp_path):

@@ -300,7 +300,8 @@ def test_client_disconnect_aborts_the_upstream_request(tmp_path, start_server):
 
 def test_upstream_down_is_a_503_then_recovers(tmp_path, start_server):
     port = free_port()
-    path, config = make_config(tmp_path, engine="fake", upstream=f"http://127.0.0.1:{port}", name="front.json")
+    path, config = make_config(tmp_path, engine="fake", upstream=f"http://127.0.0.1:{port}", name="front.json",
+                               restart_backoff_s=0.2)  # a failed load is retried after this backoff
     remote(config, "phi4_fast", f"http://127.0.0.1:{port}", connect_timeout_s=2)
     front = start_server("standard", write_config(path, config))
 

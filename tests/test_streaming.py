@@ -9,6 +9,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import runner_metrics
+
 STORY = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 
 
@@ -93,8 +95,7 @@ def test_multibyte_text_streams_as_valid_utf8(client):
 
 def runner_requests(server, expert: str) -> float:
     """Requests the expert's runner holds, by vLLM's own gauges (running plus waiting)."""
-    base_url = server.models()[expert]["engine"]["base_url"]
-    text = requests.get(base_url + "/metrics", timeout=5).text
+    text = runner_metrics(server, expert)
     return sum(sample.value for family in text_string_to_metric_families(text)
                if family.name in ("vllm:num_requests_running", "vllm:num_requests_waiting")
                for sample in family.samples)

@@ -26,6 +26,7 @@ from core.config import EMBEDDED_CONFIG, AppConfig, ConfigError, load_config
 from core.host.protocol import HostAddress
 from core.front.host_client import HostClient, HostRefused, HostUnavailable
 from core.front.request_log import RequestRecord, recording, request_id
+from core.local_ipc import NotPrivate
 from core.media import check_image_urls
 from core.protocol import (SSE_DONE, APIError, decode_body, openai_fields, parse_chat_request,
                            parse_completion_request, sse_event, unavailable)
@@ -318,7 +319,11 @@ def main(kind: str, argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:
         pass
-    app = Api(kind, config, args.config).application()
+    try:
+        app = Api(kind, config, args.config).application()
+    except NotPrivate as error:  # the runtime folder is not ours alone: nothing is started in it
+        print(f"capibara6-{kind}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     log.info("capibara6 %s server on %s:%d with %s", kind, host, port, args.config)
     web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None,
                 shutdown_timeout=AFTER_DRAIN_S,

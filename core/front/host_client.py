@@ -2,7 +2,8 @@
 
 Every front (8082, 8083, 8084) holds one `HostClient`. The first to need a host spawns it (a lock file makes
 sure only one runs per configuration); all keep an attach connection open so that the host knows it is still
-wanted. A lease is one connection to the host that stays open while the request runs.
+wanted. A lease is one connection to the host that stays open while the request runs. Every connection checks
+that the host runs as this user (SO_PEERCRED): a socket someone else planted is never talked to.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import orjson
 
 from core.config import REPO_ROOT
 from core.host.protocol import Grant, HostAddress
+from core.local_ipc import SameUserConnector
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
@@ -51,7 +53,7 @@ class HostClient:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=str(self.address.socket), limit=0),
+            connector=SameUserConnector(path=str(self.address.socket), limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         await self.ensure_running()
         self._attach_task = asyncio.create_task(self._stay_attached())
@@ -70,7 +72,7 @@ class HostClient:
         async with self._spawn_lock:
             if await self._answers():
                 return
-            self.address.socket.parent.mkdir(parents=True, exist_ok=True)
+            self.address.log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             with open(self.address.log, "ab") as log_file:
                 # A session of its own: stopping one front must not stop the engines the other fronts use.
                 subprocess.Popen([sys.executable, "-m", "core.host", "--config", self.config_path], cwd=REPO_ROOT,

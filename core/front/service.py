@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +72,7 @@ class CompletionService:
         self.router = router
         self.stats = stats
         self.priority = config.server.priorities["streaming" if kind == "streaming" else "standard"]
-        self._upstreams: dict[str, tuple[str, Upstream]] = {}
+        self._upstreams: dict[str, tuple[tuple[str, str | None, str | None], Upstream]] = {}
         self._reported: dict[str, str | None] = {}
         self._background: set[asyncio.Task] = set()
 
@@ -145,11 +145,12 @@ class CompletionService:
     async def complete(self, expert: ExpertConfig, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A whole answer from the expert's runner, with the expert's id as its model."""
         started = time.monotonic()
+        deadline = asyncio.get_running_loop().time() + expert.request_timeout_s
         usage: dict[str, Any] = {}
         failure: APIError | None = None
         try:
-            async with asyncio.timeout(expert.request_timeout_s), self._lease(expert, body) as (grant, upstream):
-                answer = await upstream.complete(path, {**body, "model": grant.model})
+            async with self._lease(expert, body, deadline) as (grant, upstream), asyncio.timeout_at(deadline):
+                answer = await upstream.complete(path, {**body, "model": grant.model}, deadline)
             answer["model"] = expert.id
             usage = answer.get("usage") or {}
             return answer
@@ -173,8 +174,8 @@ class CompletionService:
         counters = self.stats.expert(expert.id)
         counters.active_streams += 1
         try:
-            async with self._lease(expert, body) as (grant, upstream):
-                async with aclosing(upstream.stream(path, {**body, "model": grant.model})) as events:
+            async with self._lease(expert, body, deadline) as (grant, upstream):
+                async with aclosing(upstream.stream(path, {**body, "model": grant.model}, deadline)) as events:
                     while True:
                         async with asyncio.timeout_at(deadline):
                             event = await anext(events, None)
@@ -211,26 +212,40 @@ class CompletionService:
                       tuple(message.get("tool_calls") or ()))
 
     @asynccontextmanager
-    async def _lease(self, expert: ExpertConfig, body: dict[str, Any]) -> AsyncIterator[tuple[Grant, Upstream]]:
-        """The host's lease on the expert, at the request's priority, and the client for the runner it grants."""
-        async with self.host.lease(expert.id, body.get("priority", 0)) as grant:
+    async def _lease(self, expert: ExpertConfig, body: dict[str, Any], deadline: float
+                     ) -> AsyncIterator[tuple[Grant, Upstream]]:
+        """The host's lease on the expert, at the request's priority, and the client for the runner it grants.
+        Waiting for it counts against the request's deadline (loop time): past it, a retryable 503."""
+        async with AsyncExitStack() as stack:
+            waiting = asyncio.timeout_at(deadline)
+            try:
+                async with waiting:
+                    grant = await stack.enter_async_context(self.host.lease(expert.id, body.get("priority", 0)))
+            except TimeoutError:
+                if not waiting.expired():
+                    raise
+                raise unavailable(f"expert '{expert.id}' had no free slot within its {expert.request_timeout_s:g} s "
+                                  "timeout; retry shortly", code="queue_timeout") from None
             yield grant, self.upstream_for(expert, grant)
 
     def upstream_for(self, expert: ExpertConfig, grant: Grant) -> Upstream:
-        """One pooled client per runner; a restarted runner (a new URL) gets a new one."""
+        """One pooled client per runner; a restarted runner (a new socket and key, or a new URL) gets a new one."""
+        identity = (grant.base_url, grant.socket, grant.api_key)
         known = self._upstreams.get(grant.runner)
-        if known is not None and known[0] == grant.base_url:
+        if known is not None and known[0] == identity:
             return known[1]
         if known is not None:
             self._spawn(known[1].close())
         options = expert.engine
-        remote = options.kind == "remote"
-        upstream = Upstream(grant.base_url, where=(f"its upstream ({grant.base_url})" if remote
-                                                   else f"its runner ({grant.runner})"),
-                            api_key_env=options.api_key_env if remote else None,
-                            connect_timeout_s=options.connect_timeout_s, read_timeout_s=options.read_timeout_s,
-                            max_connections=256)
-        self._upstreams[grant.runner] = (grant.base_url, upstream)
+        if grant.socket:  # our runner: its socket and this start's key; the request's deadline bounds a silence
+            upstream = Upstream("", where=f"its runner ({grant.runner})", unix_socket=grant.socket,
+                                api_key=grant.api_key, connect_timeout_s=options.connect_timeout_s,
+                                read_timeout_s=None, max_connections=256)
+        else:
+            upstream = Upstream(grant.base_url, where=f"its upstream ({grant.base_url})",
+                                api_key_env=options.api_key_env, connect_timeout_s=options.connect_timeout_s,
+                                read_timeout_s=options.read_timeout_s, max_connections=256)
+        self._upstreams[grant.runner] = (identity, upstream)
         return upstream
 
     # ------------------------------------------------------------ outcomes
@@ -275,7 +290,7 @@ class CompletionService:
 
 # Refusals the host itself gave (it already shows them in /health); only runner and upstream failures are reported.
 _HOST_CODES = {"queue_full", "expert_loading", "expert_load_failed", "capacity", "expert_unloaded",
-               "restart_backoff", "shutting_down", "host_unavailable"}
+               "restart_backoff", "shutting_down", "host_unavailable", "queue_timeout"}
 
 
 def _has_output(event: dict[str, Any]) -> bool:

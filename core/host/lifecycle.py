@@ -1,7 +1,8 @@
 """Runner lifecycle: start, watch, restart with backoff, evict and stop the engines the host owns.
 
 Mechanism only: which runner to load and when is asked of it by the leases (`core.host.model_host`). A runner is
-marked loading before any await, so two concurrent callers share one start and the LRU cap counts it at once.
+marked loading before any await, so two concurrent callers share one start and the LRU cap counts it at once; a
+runner being stopped still counts until its processes are gone.
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from core.config import AppConfig, ExpertConfig
+from core.host.protocol import HostAddress
 from core.host.runner import (RunnerError, RunnerPlan, RunnerProcess, cpu_flags, cpu_path, plan_runner, runner_key,
                               split_cores)
 from core.models.verdict import read_verdict
@@ -23,6 +24,8 @@ from core.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("capibara6.host")
 HEALTHY_RUN_S = 60.0  # a runner that ran this long before crashing starts its backoff afresh
+STOP_GRACE_S = 10.0  # an unload's SIGTERM-to-SIGKILL wait: vLLM finishes its open requests' aborts
+CLOSE_GRACE_S = 2.0  # the same when the host itself stops: every runner at once, the host gone within 5 s
 _PATH = re.compile(r"(?:/[\w.@+-]+){2,}")
 
 
@@ -51,16 +54,19 @@ class Runner:
     config: ExpertConfig  # the first expert that uses it: model and engine settings
     state: State = State.UNLOADED
     process: RunnerProcess | None = None
-    base_url: str | None = None
+    base_url: str | None = None  # a remote runner's; a local one is reached on its process's socket
     plan: RunnerPlan | None = None
     cores: str | None = None
     loading: asyncio.Task | None = None
+    stopping: asyncio.Task | None = None  # an unload under way: the runner occupies its place until it ends
     error: str | None = None
     active: int = 0  # leases granted and not yet ended
     waiting: int = 0  # leases queued for a concurrency slot of one of its experts
     last_used: float = field(default_factory=time.monotonic)
     loads: int = 0
     load_failures: int = 0
+    failed_in_a_row: int = 0  # loads that failed since the last success: the retry backoff's exponent
+    load_cancels: int = 0
     unloads: int = 0
     crashes: int = 0
     retry_at: float = 0.0
@@ -78,7 +84,7 @@ class Runner:
     @property
     def occupies(self) -> bool:
         """Counts against max_loaded_experts: a local runner that is up or coming up."""
-        return not self.remote and self.state in (State.LOADING, State.READY)
+        return not self.remote and (self.state in (State.LOADING, State.READY) or self.stopping is not None)
 
     @property
     def idle(self) -> bool:
@@ -98,9 +104,10 @@ class Runner:
 class RunnerPool:
     """Every runner of one configuration: one per distinct model and engine settings."""
 
-    def __init__(self, config: AppConfig, log_dir: Path):
+    def __init__(self, config: AppConfig, address: HostAddress):
         self.config = config
-        self.log_dir = log_dir
+        self.log_dir = address.log_dir
+        self.runtime = address.runners
         self.runners: dict[str, Runner] = {}
         for expert in config.experts:
             key = runner_key(expert)
@@ -132,15 +139,16 @@ class RunnerPool:
         self._spawn(self._reap_idle())
 
     async def close(self) -> None:
+        """Stop every runner at once, each with a short grace: the host is gone within seconds."""
         self.closing = True
         for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        for runner in self.runners.values():
-            if runner.loading and not runner.loading.done():
-                runner.loading.cancel()
-                await asyncio.gather(runner.loading, return_exceptions=True)
-        await asyncio.gather(*(self._stop(r) for r in self.runners.values()))
+        loads = [r.loading for r in self.runners.values() if r.loading and not r.loading.done()]
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*self._background, *loads, return_exceptions=True)
+        await asyncio.gather(*(self._stop(r, CLOSE_GRACE_S) for r in self.runners.values()),
+                             return_exceptions=True)
 
     def kill_all(self) -> None:
         """Last resort on the way out: no runner may outlive the host."""
@@ -188,12 +196,14 @@ class RunnerPool:
         """Return once the runner is ready: start it, or share the start already under way."""
         if runner.state is State.READY:
             return
+        if runner.stopping is not None:  # a start now would overlap the old processes (and their memory)
+            await asyncio.shield(runner.stopping)
         if runner.loading is None or runner.loading.done():
             wait = runner.retry_at - time.monotonic()
             if runner.state is State.FAILED and wait > 0:
-                raise HostError("restart_backoff", f"the runner of this expert crashed ({runner.error}); it restarts "
-                                                   f"in {wait:.0f} s", max(1.0, wait))
-            runner.state, runner.error = State.LOADING, None  # before any await: it counts against the cap now
+                raise HostError("restart_backoff", f"the runner of this expert failed ({runner.error}); it is tried "
+                                                   f"again in {wait:.0f} s", max(1.0, wait))
+            runner.state = State.LOADING  # before any await: it counts against the cap now
             runner.loading = asyncio.create_task(self._load(runner))
         try:
             await asyncio.wait_for(asyncio.shield(runner.loading), timeout)
@@ -207,24 +217,31 @@ class RunnerPool:
         log.info("loading runner %s (%s)", runner.key, runner.config.model)
         try:
             await self._make_room(runner)
-        except BaseException:
-            runner.state = State.UNLOADED  # no room now: not a failure of this runner
-            raise
-        try:
             if runner.remote:
                 await self._check_remote(runner)
             else:
                 await self._start_local(runner)
-        except asyncio.CancelledError:
-            runner.state = State.UNLOADED
+        except HostError:
+            runner.state = State.UNLOADED  # no room now: not a failure of this runner
             raise
-        except (RunnerError, UpstreamError, OSError) as error:
-            log.error("runner %s failed to load: %s", runner.key, error)
+        except asyncio.CancelledError:
+            runner.state = State.UNLOADED  # neither a success nor a failure: the last error stays as it was
+            runner.load_cancels += 1
+            log.info("loading runner %s was cancelled", runner.key)
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever broke the load, the runner is failed and says why
+            log.error("runner %s failed to load: %s", runner.key, error, exc_info=not isinstance(
+                error, (RunnerError, UpstreamError, OSError)))
             runner.state, runner.error = State.FAILED, _first_line(error)
             runner.load_failures += 1
-            raise HostError("expert_load_failed", f"runner {runner.key} failed to load ({runner.error}); the next "
-                                                  "request will try again", 5.0) from None
-        runner.state, runner.last_used = State.READY, time.monotonic()
+            runner.failed_in_a_row += 1
+            server = self.config.server
+            backoff = min(server.max_restart_backoff_s, server.restart_backoff_s * 2 ** (runner.failed_in_a_row - 1))
+            runner.retry_at = time.monotonic() + backoff
+            raise HostError("expert_load_failed", f"runner {runner.key} failed to load ({runner.error}); it is "
+                                                  f"tried again in {backoff:.0f} s", backoff) from None
+        runner.state, runner.error, runner.last_used = State.READY, None, time.monotonic()
+        runner.failed_in_a_row = 0
         runner.loads += 1
         runner.last_load_s = time.monotonic() - started
         log.info("runner %s ready in %.1f s", runner.key, runner.last_load_s)
@@ -251,15 +268,14 @@ class RunnerPool:
         for warning in plan.warnings:
             log.warning("%s: %s", runner.key, warning)
         runner.cores = runner.config.engine.cpu_cores or self._free_cores()  # taken before any await
-        process = await RunnerProcess.start(runner.config, runner.key, plan, runner.cores, self.log_dir)
+        process = await RunnerProcess.start(runner.key, plan, runner.cores, self.runtime, self.log_dir)
         runner.process, runner.plan = process, plan
         try:
             await process.wait_ready(runner.config.load_timeout_s)
         except BaseException:
             runner.process = None
-            await process.stop(grace_s=5.0)
+            await asyncio.shield(process.stop(CLOSE_GRACE_S))  # even when cancelled: no process is left behind
             raise
-        runner.base_url = process.base_url
         self._spawn(self._watch(runner, process))
 
     def _free_cores(self) -> str:
@@ -285,7 +301,7 @@ class RunnerPool:
         how = f"signal {-status}" if status < 0 else f"status {status}"
         runner.state, runner.error = State.FAILED, f"the runner (pid {process.pid}) exited with {how}"
         runner.retry_at = time.monotonic() + backoff
-        runner.process, runner.base_url = None, None
+        runner.process = None
         process.kill_now()  # its engine-core children
         log.error("runner %s crashed: %s; restart allowed in %.0f s", runner.key, runner.error, backoff)
         if runner.key in self.warm and not self.closing:
@@ -311,19 +327,27 @@ class RunnerPool:
             await self.unload(victim)
 
     async def unload(self, runner: Runner) -> None:
+        """Returns once the runner's processes are gone; until then it still counts against the cap."""
         if runner.state is not State.READY:
             return
         runner.state = State.UNLOADED
         await self._stop(runner)
         runner.unloads += 1
 
-    async def _stop(self, runner: Runner) -> None:
+    async def _stop(self, runner: Runner, grace_s: float = STOP_GRACE_S) -> None:
         process, runner.process, runner.base_url, runner.cores = runner.process, None, None, None
         if process is not None:
-            await process.stop()
+            runner.stopping = stopping = asyncio.ensure_future(process.stop(grace_s))
+            stopping.add_done_callback(lambda _: _stopped(runner, stopping))
+            await asyncio.shield(stopping)  # a cancelled unload still ends the processes
             log.info("stopped runner %s (pid %d)", runner.key, process.pid)
         if runner.state is State.READY:
             runner.state = State.UNLOADED
+
+
+def _stopped(runner: Runner, stop: asyncio.Future) -> None:
+    if runner.stopping is stop:
+        runner.stopping = None
 
 
 def _first_line(error: BaseException) -> str:

@@ -14,12 +14,11 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from core.config import AppConfig, ExpertConfig
 from core.host.admission import Admission
-from core.host.protocol import Grant
+from core.host.protocol import Grant, HostAddress
 from core.host.lifecycle import HostError, Runner, RunnerPool, State
 
 
@@ -36,9 +35,9 @@ class Expert:
 
 
 class ModelHost:
-    def __init__(self, config: AppConfig, log_dir: Path, pool: RunnerPool | None = None):
+    def __init__(self, config: AppConfig, address: HostAddress, pool: RunnerPool | None = None):
         self.config = config
-        self.pool = pool or RunnerPool(config, log_dir)
+        self.pool = pool or RunnerPool(config, address)
         self.runners = self.pool.runners
         self.experts = {e.id: Expert(e, self.pool.runner_of(e), Admission(e.max_concurrency)) for e in config.experts}
 
@@ -64,25 +63,35 @@ class ModelHost:
         if expert.admission.full and expert.waiting >= expert.config.max_queue:
             raise HostError("queue_full", f"expert '{expert_id}' is at capacity and its queue is full; retry "
                                           "shortly", 1.0)
-        runner.waiting += 1
+        runner.waiting += 1  # until it runs: queued for a slot, then for the load (the reaper must not unload)
         try:
             await expert.admission.acquire(priority)
-        finally:
+        except BaseException:
             runner.waiting -= 1
+            raise
         try:
-            await self.pool.ensure_loaded(runner, expert.config.load_timeout_s)
+            try:
+                await self.pool.ensure_loaded(runner, expert.config.load_timeout_s)
+            finally:
+                runner.waiting -= 1
             runner.active += 1
             expert.active += 1
             runner.last_used = time.monotonic()
             try:
-                yield Grant(runner.key, runner.base_url or "", runner.model or "",
-                            runner.process.pid if runner.process else None)
+                yield self._grant(runner)
             finally:
                 runner.active -= 1
                 expert.active -= 1
                 runner.last_used = time.monotonic()
         finally:
             expert.admission.release()
+
+    @staticmethod
+    def _grant(runner: Runner) -> Grant:
+        process = runner.process
+        if process is None:  # remote: its configured URL; the front adds the key it is configured with
+            return Grant(runner.key, runner.base_url or "", runner.model or "", None)
+        return Grant(runner.key, "", runner.model or "", process.pid, str(process.socket), process.api_key)
 
     def report(self, expert_id: str, error: str | None) -> None:
         """A front's request on a ready expert ended: an upstream failure shows in /health until a success."""
@@ -112,6 +121,7 @@ class ModelHost:
             "idle_s": round(now - expert.runner.last_used, 1) if expert.runner.state is State.READY else None,
             "loads": expert.runner.loads,
             "load_failures": expert.runner.load_failures,
+            "load_cancels": expert.runner.load_cancels,
             "unloads": expert.runner.unloads,
             "last_load_s": None if expert.runner.last_load_s is None else round(expert.runner.last_load_s, 3),
             "runner": expert.runner.describe(self.pool.warm),

@@ -2,8 +2,9 @@
 
 A runner is keyed by its model and engine settings, so experts that differ only in system prompt, sampling
 defaults or routing share one. This module turns settings into a command line (downgrading what the platform
-cannot honour), starts the process in its own process group with a parent-death signal, waits for it to
-answer, and stops the whole group so that its memory returns to the OS.
+cannot honour), starts the process in its own process group (with a parent-death signal: `runner_guard`) on a
+unix socket of the private runtime folder, behind a fresh API key and with a scrubbed environment, waits for it
+to answer, and stops the whole group so that its memory returns to the OS.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import logging
 import os
 import platform
 import re
+import secrets
 import signal
-import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,9 @@ import aiohttp
 from core.config import ExpertConfig
 from core.host.compact_tool_json import ENV as COMPACT_JSON_ENV
 from core.host.fast_sampler import ENV as FAST_SAMPLER_ENV
-from core.host.runner_guard import RUNNER_ENV, die_with_parent
+from core.host.runner_guard import PARENT_ENV, RUNNER_ENV
+from core.host.runner_log import RotatingLog, copy_output
+from core.local_ipc import SameUserConnector, check_socket_path
 from core.models.verdict import Verdict
 
 log = logging.getLogger(__name__)
@@ -254,66 +258,95 @@ def parse_cores(cores: str) -> set[int]:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def runner_socket(runtime: Path, key: str) -> Path:
+    """Where a runner listens: its key's hash, short enough for sun_path in any runtime folder."""
+    return runtime / f"{key.rsplit('-', 1)[-1]}.sock"
 
 
-def _confine(cpus: set[int]) -> None:
-    """In the runner's first process before exec: its cores (inherited by every process and thread vLLM starts,
-    whatever executor binds or not), and death with the host."""
-    os.sched_setaffinity(0, cpus)
-    die_with_parent()
+# What a runner inherits from the host's environment: locale, paths and the engine's own knobs, never the fronts'
+# secrets (API keys, tokens). What the runner's plan sets (plan.env) is added on top.
+_ENV_NAMES = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH",
+                        "LD_LIBRARY_PATH", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "ATEN_CPU_CAPABILITY"})
+_ENV_PREFIXES = ("LC_", "OMP_", "KMP_", "VLLM_", "TORCH", "ONEDNN_", "DNNL_", "MKL_", "NEON_EXT_", "CUDA_",
+                 "NVIDIA_")
+
+
+def runner_env(plan: RunnerPlan, inherited: Mapping[str, str], own: Mapping[str, str]) -> dict[str, str]:
+    """The runner's environment: the allowed part of `inherited`, then the plan's variables, then `own` (the
+    host's settings for this start: threads, sockets, key)."""
+    allowed = {name: value for name, value in inherited.items()
+               if name in _ENV_NAMES or name.startswith(_ENV_PREFIXES)}
+    return {**allowed, **plan.env, **own}
 
 
 class RunnerProcess:
-    """One started vLLM server: its process group, its URL, and its exit."""
+    """One started vLLM server: its process group, its unix socket and key, and its exit."""
 
-    def __init__(self, key: str, process: asyncio.subprocess.Process, port: int, log_path: Path):
+    def __init__(self, key: str, process: asyncio.subprocess.Process, socket_path: Path, api_key: str,
+                 log_path: Path, output: asyncio.Task):
         self.key = key
         self.process = process
-        self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
+        self.socket = socket_path
+        self.api_key = api_key
         self.log_path = log_path
         self.started = time.monotonic()
+        self._output = output
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     @classmethod
-    async def start(cls, expert: ExpertConfig, key: str, plan: RunnerPlan, cores: str, log_dir: Path
+    async def start(cls, key: str, plan: RunnerPlan, cores: str, runtime: Path, log_dir: Path
                     ) -> "RunnerProcess":
-        """Launch the server; returns at once (see `wait_ready`)."""
-        port = free_port()
-        log_dir.mkdir(parents=True, exist_ok=True)
+        """Launch the server on a unix socket in `runtime` (private to this user) with a fresh API key, given in
+        its environment, never on its command line; returns at once (see `wait_ready`)."""
+        socket_path = check_socket_path(runner_socket(runtime, key))
+        socket_path.unlink(missing_ok=True)
+        api_key = secrets.token_urlsafe(32)
         log_path = log_dir / f"{key}.log"
+        output_log = RotatingLog(log_path)
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", plan.model,
-                "--served-model-name", key, "--host", "127.0.0.1", "--port", str(port), *plan.flags]
+                "--served-model-name", key, "--uds", str(socket_path), *plan.flags]
         cpus = parse_cores(cores)
-        env = {**os.environ, **plan.env, "VLLM_CPU_OMP_THREADS_BIND": cores, "OMP_NUM_THREADS": str(len(cpus)),
-               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", RUNNER_ENV: str(log_path)}
-        with open(log_path, "ab") as log_file:
-            log_file.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
-            log_file.flush()
+        env = runner_env(plan, os.environ, {
+            "VLLM_CPU_OMP_THREADS_BIND": cores, "OMP_NUM_THREADS": str(len(cpus)), "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "VLLM_API_KEY": api_key, "VLLM_RPC_BASE_PATH": str(runtime), RUNNER_ENV: str(log_path),
+            PARENT_ENV: str(os.getpid())})
+        output_log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+        read_end, write_end = os.pipe()
+        try:
             process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
-                start_new_session=True, preexec_fn=lambda: _confine(cpus))
-        log.info("runner %s starting: pid %d on port %d, cores %s, log %s", key, process.pid, port, cores, log_path)
-        return cls(key, process, port, log_path)
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=write_end, stderr=write_end, env=env,
+                start_new_session=True)
+        except BaseException:
+            os.close(read_end)
+            output_log.close()
+            raise
+        finally:
+            os.close(write_end)
+        try:  # before the interpreter has started a thread: every process and thread vLLM starts inherits it
+            os.sched_setaffinity(process.pid, cpus)
+        except ProcessLookupError:
+            pass
+        output = asyncio.create_task(copy_output(read_end, output_log))
+        log.info("runner %s starting: pid %d on %s, cores %s, log %s", key, process.pid, socket_path, cores,
+                 log_path)
+        return cls(key, process, socket_path, api_key, log_path, output)
 
     async def wait_ready(self, timeout: float) -> None:
         """Until the server answers /health; raises RunnerError if it exits or the timeout passes first."""
         deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        async with aiohttp.ClientSession(connector=SameUserConnector(str(self.socket)),
+                                         timeout=aiohttp.ClientTimeout(total=2)) as session:
             while True:
                 if self.process.returncode is not None:
+                    await asyncio.wait([self._output], timeout=1.0)  # its last words, for the message
                     raise RunnerError(f"the runner exited with status {self.process.returncode} while starting "
                                       f"({self.last_log_line()})")
                 try:
-                    async with session.get(f"{self.base_url}/health") as response:
+                    async with session.get("http://runner/health") as response:
                         if response.status == 200:
                             return
                 except (aiohttp.ClientError, TimeoutError):
@@ -332,14 +365,19 @@ class RunnerProcess:
         return (errors or lines or ["no output"])[-1].strip()[:300]
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM to the whole process group, SIGKILL after the grace period; returns once the server exited."""
+        """SIGTERM to the whole process group, SIGKILL after the grace period; returns once every process of the
+        group is gone (its memory returned) and its socket removed."""
         self._signal_group(signal.SIGTERM)
         try:
             await asyncio.wait_for(self.process.wait(), grace_s)
         except TimeoutError:
-            self._signal_group(signal.SIGKILL)
-            await self.process.wait()
-        self._signal_group(signal.SIGKILL)  # engine-core children that outlived their server
+            pass
+        self._signal_group(signal.SIGKILL)  # the server if it is still there, and children that outlived it
+        await self.process.wait()
+        while _group_alive(self.process.pid):
+            await asyncio.sleep(0.05)
+        await asyncio.wait([self._output], timeout=1.0)
+        self.socket.unlink(missing_ok=True)
 
     def kill_now(self) -> None:
         """For the host's exit path, where nothing can be awaited."""
@@ -350,3 +388,20 @@ class RunnerProcess:
             os.killpg(self.process.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group is still running (zombies aside: they hold no memory)."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                return True
+    return False

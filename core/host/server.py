@@ -1,8 +1,9 @@
 """The model host's process: its HTTP API on a unix socket, for the fronts only, and its entry point.
 
 The API's messages are `core.host.protocol`'s; a refusal (`HostError`) becomes an OpenAI-shaped error here, with
-the status this layer picks. The host exits, stopping its runners, once no front has been attached for
-`server.host_linger_s`.
+the status this layer picks. The socket is 0600 in the user's private runtime folder, and a connection from any
+other user is refused (SO_PEERCRED). The host exits, stopping its runners, once no front has been attached for
+`server.host_linger_s`, or on SIGTERM, within seconds either way.
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from core.config import AppConfig, ConfigError, load_config
 from core.host.model_host import ModelHost
 from core.host.protocol import HostAddress
 from core.host.lifecycle import HostError
+from core.local_ipc import NotPrivate, listen_private, private_dir, same_user
 
 log = logging.getLogger("capibara6.host")
 _STATUS = {"queue_full": 429, "expert_busy": 409, "unknown_expert": 404}
+SHUTDOWN_S = 0.5  # open leases and attach connections are cut after this on the way out
 
 
 class HostApi:
@@ -36,6 +39,14 @@ class HostApi:
         self.attached = 0
         self.last_detach = time.monotonic()
         self.stopped = asyncio.Event()
+
+    @web.middleware
+    async def same_user_only(self, request: web.Request, handler) -> web.StreamResponse:
+        """Belt and braces behind the folder's mode: only this user's processes are served."""
+        if not same_user(request.transport.get_extra_info("socket") if request.transport else None):
+            log.warning("refused a connection from another user")
+            raise web.HTTPForbidden()
+        return await handler(request)
 
     @web.middleware
     async def errors(self, request: web.Request, handler) -> web.StreamResponse:
@@ -98,7 +109,7 @@ class HostApi:
         return web.Response(status=204)
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[self.errors])
+        app = web.Application(middlewares=[self.same_user_only, self.errors])
         app.router.add_post("/lease/{expert}", self.lease)
         app.router.add_get("/attach", self.attach)
         app.router.add_get("/states", self.states)
@@ -123,12 +134,12 @@ def _error_type(code: str) -> str:
 
 
 async def serve(config: AppConfig, address: HostAddress) -> None:
-    host = ModelHost(config, address.log_dir)
+    host = ModelHost(config, address)
     api = HostApi(host, config.server.host_linger_s)
-    runner = web.AppRunner(api.application(), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(api.application(), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
-    address.socket.unlink(missing_ok=True)
-    site = web.UnixSite(runner, str(address.socket))
+    site = web.SockSite(runner, listen_private(address.socket))  # whatever was at the path is replaced
     await site.start()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -141,10 +152,10 @@ async def serve(config: AppConfig, address: HostAddress) -> None:
     finally:
         lingering.cancel()
         address.socket.unlink(missing_ok=True)
-        await runner.cleanup()
-        await host.close()
+        started = time.monotonic()
+        await asyncio.gather(runner.cleanup(), host.close())  # the runners stop while the connections close
         host.kill_all()
-        log.info("model host stopped")
+        log.info("model host stopped in %.1f s", time.monotonic() - started)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,10 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"capibara6-host: configuration error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    address = HostAddress.for_config(args.config, config)
     logging.basicConfig(level=os.environ.get("CAPIBARA_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    address.socket.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        address = HostAddress.for_config(args.config, config)
+        private_dir(address.runners)
+    except NotPrivate as error:
+        print(f"capibara6-host: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     with open(address.lock, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
