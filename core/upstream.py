@@ -98,10 +98,11 @@ class Upstream:
             raise UpstreamError(Failure.BROKEN, f"{self.where} answered its model list in a shape that is not "
                                                 "OpenAI's") from None
 
-    async def complete(self, path: str, body: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
+    async def complete(self, path: str, body: dict[str, Any], deadline: float | None = None,
+                       headers: dict[str, str] | None = None) -> dict[str, Any]:
         """POST a non-streamed request; the decoded JSON answer."""
         try:
-            async with self._session.post(f"{self.base_url}{path}", json=body,
+            async with self._session.post(f"{self.base_url}{path}", json=body, headers=headers,
                                           timeout=self._timeout(deadline)) as response:
                 await self._check_status(response)
                 answer = orjson.loads(await response.read())
@@ -113,11 +114,11 @@ class Upstream:
             raise UpstreamError(Failure.BROKEN, f"{self.where} answered with something that is not an object")
         return answer
 
-    async def stream(self, path: str, body: dict[str, Any], deadline: float | None = None
-                     ) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, path: str, body: dict[str, Any], deadline: float | None = None,
+                     headers: dict[str, str] | None = None) -> AsyncIterator[dict[str, Any]]:
         """POST a streamed request; its SSE events up to [DONE]. Closing the iterator closes the connection."""
         try:
-            async with self._session.post(f"{self.base_url}{path}", json=body,
+            async with self._session.post(f"{self.base_url}{path}", json=body, headers=headers,
                                           timeout=self._timeout(deadline)) as response:
                 await self._check_status(response)
                 try:

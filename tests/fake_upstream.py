@@ -61,7 +61,7 @@ class FakeUpstream:
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         body = orjson.loads(await request.read())
-        self.requests.append({"path": request.path, "body": body})
+        self.requests.append({"path": request.path, "body": body, "request_id": request.headers.get("X-Request-Id")})
         if body.get("model") not in self.models:
             return _error(404, f"The model `{body.get('model')}` does not exist.")
         source = _source(body, chat)

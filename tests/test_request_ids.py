@@ -81,6 +81,18 @@ def test_an_id_that_is_not_printable_or_too_long_is_replaced(bad, servers):
                         timeout=10).headers["X-Request-Id"] == longest
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_clients_id_reaches_the_upstream(kind, servers, fake_upstream):
+    """The id travels on to the runner (vLLM logs it with --enable-log-requests), streamed or not."""
+    for stream in (False, True):
+        own = f"upstream-{kind}-{uuid.uuid4().hex}"
+        answer = requests.post(servers[kind].url + CHAT, headers={**AUTH, "X-Request-Id": own}, timeout=30,
+                               json={"model": "phi4_fast", "messages": USER, "stream": stream})
+        assert answer.status_code == 200, answer.text
+        seen = requests.get(fake_upstream.url + "/_requests", timeout=10).json()["requests"]
+        assert [r["request_id"] for r in seen if r["request_id"] == own] == [own], (stream, seen[-3:])
+
+
 def log_lines(server: Server, request_id: str, timeout: float = 5.0) -> list[str]:
     """The server's access log lines for one id (the line is written once the answer is out)."""
     deadline = time.monotonic() + timeout

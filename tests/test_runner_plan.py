@@ -96,3 +96,15 @@ def test_cpu_flags_honour_the_isa_caps_used_to_emulate_other_cpus(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     monkeypatch.delenv("ATEN_CPU_CAPABILITY")
     assert cpu_flags()["bf16"] == native["bf16"]
+
+
+def test_runners_fetch_images_only_from_the_allowed_hosts_and_log_request_ids():
+    """The runner fetches media from the fronts' allow-list only (vLLM's empty list would allow every host),
+    follows no redirect, and logs each request with the id the front passes on."""
+    plain = plan_runner(default_expert(), ZEN4)
+    at = plain.flags.index("--allowed-media-domains")
+    assert plain.flags[at + 1] == "invalid" and plain.env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+    assert "--enable-log-requests" in plain.flags
+    allowed = plan_runner(default_expert(), ZEN4, media_domains=frozenset({"images.example.org", "cdn.example.com"}))
+    at = allowed.flags.index("--allowed-media-domains")
+    assert allowed.flags[at + 1:at + 3] == ("cdn.example.com", "images.example.org")

@@ -56,3 +56,9 @@ def note_usage(expert_id: str, usage: dict[str, Any]) -> None:
     record = _current.get()
     if record is not None:
         record.add(expert_id, usage)
+
+
+def runner_headers() -> dict[str, str]:
+    """The current request's id for the runner it reaches (vLLM logs it with `--enable-log-requests`)."""
+    record = _current.get()
+    return {"X-Request-Id": record.id} if record is not None else {}

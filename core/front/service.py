@@ -21,7 +21,7 @@ from core.front.host_client import HostClient, HostRefused, HostUnavailable
 from core.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, invalid, tiered_priority,
                            unavailable)
 from core.router import RouteDecision, Router
-from core.front.request_log import note_usage
+from core.front.request_log import note_usage, runner_headers
 from core.front.stats import Stats
 from core.upstream import Failure, Upstream, UpstreamError
 
@@ -150,7 +150,7 @@ class CompletionService:
         failure: APIError | None = None
         try:
             async with self._lease(expert, body, deadline) as (grant, upstream), asyncio.timeout_at(deadline):
-                answer = await upstream.complete(path, {**body, "model": grant.model}, deadline)
+                answer = await upstream.complete(path, {**body, "model": grant.model}, deadline, runner_headers())
             answer["model"] = expert.id
             usage = answer.get("usage") or {}
             return answer
@@ -175,7 +175,8 @@ class CompletionService:
         counters.active_streams += 1
         try:
             async with self._lease(expert, body, deadline) as (grant, upstream):
-                async with aclosing(upstream.stream(path, {**body, "model": grant.model}, deadline)) as events:
+                relayed = upstream.stream(path, {**body, "model": grant.model}, deadline, runner_headers())
+                async with aclosing(relayed) as events:
                     while True:
                         async with asyncio.timeout_at(deadline):
                             event = await anext(events, None)

@@ -125,7 +125,8 @@ class RunnerPool:
     def plan(self, runner: Runner) -> RunnerPlan:
         """The runner's flags on this machine, with the quality gate's verdict on its checkpoint (read anew at
         every start, so a new `make models` takes effect without restarting the host)."""
-        return plan_runner(runner.config, self._cpu, read_verdict(runner.config.model, cpu_path()))
+        return plan_runner(runner.config, self._cpu, read_verdict(runner.config.model, cpu_path()),
+                           self.config.server.allowed_media_domains)
 
     def runner_of(self, expert: ExpertConfig) -> Runner:
         return self.runners[runner_key(expert)]

@@ -115,7 +115,8 @@ class RunnerPlan:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | None = None) -> RunnerPlan:
+def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | None = None,
+                media_domains: frozenset[str] = frozenset()) -> RunnerPlan:
     """vLLM server flags for an expert's engine options; never raises for a platform mismatch. `verdict` is the
     quality gate's for an int8 checkpoint (`read_verdict(expert.model)`): it may serve another folder."""
     options = expert.engine
@@ -156,10 +157,14 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | N
         capture = None
     flags = ["--dtype", dtype, "--kv-cache-dtype", kv_cache_dtype, "--max-model-len", str(options.max_model_len),
              "--max-num-seqs", str(options.max_num_seqs), "--seed", str(options.seed),
-             "--scheduling-policy", "priority", "--disable-uvicorn-access-log",
+             "--scheduling-policy", "priority", "--disable-uvicorn-access-log", "--enable-log-requests",
              "--enable-chunked-prefill" if options.enable_chunked_prefill else "--no-enable-chunked-prefill",
              "--enable-prefix-caching" if options.enable_prefix_caching else "--no-enable-prefix-caching"]
-    env: dict[str, str] = {}
+    # Image URLs: the fronts already refuse every host off server.allowed_media_domains and every address that is
+    # not public; the runner fetches only from the same hosts (with none, from "invalid", a name reserved never to
+    # resolve: vLLM's empty list would allow all) and never follows a redirect.
+    flags += ["--allowed-media-domains", *(sorted(media_domains) or ["invalid"])]
+    env: dict[str, str] = {"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"}
     if options.enforce_eager:
         flags.append("--enforce-eager")
     elif on_cpu:
