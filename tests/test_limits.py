@@ -63,7 +63,8 @@ def test_consensus_candidates_are_capped_whichever_field_the_client_used(capped_
         "messages": [{"role": "user", "content": f"Explain recursion with an example {marker}"}],
         "max_tokens": 300, "max_completion_tokens": 200, "min_tokens": 2})
     assert response.status_code == 200, response.text
-    bodies = [r["body"] for r in fake_upstream.requests() if marker in str(r["body"]["messages"][-1])]
+    bodies = [r["body"] for r in fake_upstream.requests() if "messages" in r["body"]
+              and marker in str(r["body"]["messages"][-1])]
     synthesis = [b for b in bodies if SYNTHESIS_PROMPT in str(b["messages"][0]["content"])]
     candidates = [b for b in bodies if b not in synthesis]
     assert len(candidates) == 3 and len(synthesis) == 1, bodies

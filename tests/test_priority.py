@@ -71,7 +71,8 @@ def test_client_priority_orders_only_within_its_ports_tier(tmp_path, start_serve
         thread.join(30)
     assert set(results.values()) == {200}, results
     received = {r["body"]["messages"][-1]["content"].removeprefix(f"{marker} "): r["body"]["priority"]
-                for r in fake_upstream.requests() if str(r["body"]["messages"][-1]["content"]).startswith(marker)}
+                for r in fake_upstream.requests()
+                if "messages" in r["body"] and str(r["body"]["messages"][-1]["content"]).startswith(marker)}
     assert list(received) == ["blocker [[sleep=2]]", "streaming +1000", "standard -1000", "standard 0",
                               "standard 0 later", "standard +1000"], received
     assert received["streaming +1000"] == STREAMING * TIER + 1000 < STANDARD * TIER - 1000
