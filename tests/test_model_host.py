@@ -94,6 +94,19 @@ def test_the_warm_pool_loads_at_start_and_experts_with_equal_settings_share_its_
     assert answer.status_code == 200 and answer.json()["model"] == "gemma3_multimodal"
 
 
+def test_models_show_the_phases_of_the_last_start_and_the_engine_core_is_forked(lifecycle):
+    path, standard, streaming = lifecycle
+    standard.wait_state(RUNNER_A, "ready", timeout=300)
+    start = standard.models()[RUNNER_A]["engine"]["last_start"]
+    phases = start["phases_s"]
+    assert list(phases) == ["imports", "engine_process", "weights", "compile", "serving"]
+    assert all(seconds is not None and seconds >= 0 for seconds in phases.values()), phases  # every marker seen
+    assert start["total_s"] == pytest.approx(sum(phases.values()), abs=0.05)
+    # forked from the API server, the engine core imports nothing again (spawned, it took as long as the imports)
+    assert phases["engine_process"] < phases["imports"] / 2, phases
+    assert standard.models()[RUNNER_A]["engine"]["effective"]["fork_engine_core"] is True
+
+
 def test_concurrent_cold_requests_from_two_fronts_share_one_start(lifecycle):
     path, standard, streaming = lifecycle
     responses = parallel([lambda: chat(standard, RUNNER_B, max_tokens=8)] * 2

@@ -71,6 +71,7 @@ class Runner:
     crashes: int = 0
     retry_at: float = 0.0
     last_load_s: float | None = None
+    last_start_phases: dict[str, float | None] | None = None  # seconds per phase of its last process start
 
     @property
     def remote(self) -> bool:
@@ -98,6 +99,9 @@ class Runner:
             "cores": self.cores, "active_requests": self.active,
             "log": str(self.process.log_path) if self.process else None,
             "effective": plan.effective if plan else None, "warnings": list(plan.warnings) if plan else [],
+            "last_start": None if self.last_start_phases is None else {
+                "total_s": round(sum(s for s in self.last_start_phases.values() if s is not None), 2),
+                "phases_s": self.last_start_phases},
         }
 
 
@@ -277,6 +281,8 @@ class RunnerPool:
             runner.process = None
             await asyncio.shield(process.stop(CLOSE_GRACE_S))  # even when cancelled: no process is left behind
             raise
+        runner.last_start_phases = process.phases.durations()
+        log.info("runner %s started: %s", runner.key, process.phases.summary())
         self._spawn(self._watch(runner, process))
 
     def _free_cores(self) -> str:

@@ -29,8 +29,10 @@ import aiohttp
 from core.config import ExpertConfig
 from core.host.compact_tool_json import ENV as COMPACT_JSON_ENV
 from core.host.fast_sampler import ENV as FAST_SAMPLER_ENV
+from core.host.fork_engine_core import ENV as FORK_ENGINE_CORE_ENV
 from core.host.runner_guard import PARENT_ENV, RUNNER_ENV
 from core.host.runner_log import RotatingLog, copy_output
+from core.host.runner_phases import StartPhases
 from core.local_ipc import SameUserConnector, check_socket_path
 from core.models.verdict import Verdict
 
@@ -39,7 +41,8 @@ log = logging.getLogger(__name__)
 RUNNER_FIELDS = ("dtype", "quantization", "kv_cache_dtype", "kv_cache_memory_bytes", "max_model_len",
                  "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "max_seq_len_to_capture",
                  "enable_chunked_prefill", "enable_prefix_caching", "neon_kernels", "seed", "tool_call_parser",
-                 "tool_strict_level", "compact_json", "fast_sampler", "cpu_cores", "worker_process")
+                 "tool_strict_level", "compact_json", "fast_sampler", "cpu_cores", "worker_process",
+                 "fork_engine_core")
 REMOTE_FIELDS = ("base_url", "remote_model", "api_key_env", "connect_timeout_s", "read_timeout_s")
 
 
@@ -194,6 +197,8 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | N
         # multiprocessing is off; the API server still runs its engine core in a process of its own.
         flags += ["--distributed-executor-backend", "uni"]
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if options.fork_engine_core:
+            env[FORK_ENGINE_CORE_ENV] = "1"
     preload = cpu_preloads() if on_cpu else []
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
@@ -209,7 +214,9 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | N
                  "tool_call_parser": options.tool_call_parser, "tool_strict_level": options.tool_strict_level,
                  "compact_json": options.compact_json, "fast_sampler": options.fast_sampler,
                  "scheduling_policy": "priority",
-                 "worker_process": options.worker_process, "preload": [Path(lib).name for lib in preload]}
+                 "worker_process": options.worker_process,
+                 "fork_engine_core": options.fork_engine_core and not options.worker_process,
+                 "preload": [Path(lib).name for lib in preload]}
     return RunnerPlan(model, tuple(flags), effective, tuple(warnings), env)
 
 
@@ -288,13 +295,14 @@ class RunnerProcess:
     """One started vLLM server: its process group, its unix socket and key, and its exit."""
 
     def __init__(self, key: str, process: asyncio.subprocess.Process, socket_path: Path, api_key: str,
-                 log_path: Path, output: asyncio.Task):
+                 log_path: Path, output: asyncio.Task, phases: StartPhases):
         self.key = key
         self.process = process
         self.socket = socket_path
         self.api_key = api_key
         self.log_path = log_path
-        self.started = time.monotonic()
+        self.started = phases.started
+        self.phases = phases
         self._output = output
 
     @property
@@ -321,6 +329,7 @@ class RunnerProcess:
             PARENT_ENV: str(os.getpid())})
         output_log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         read_end, write_end = os.pipe()
+        phases = StartPhases(time.monotonic())
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=write_end, stderr=write_end, env=env,
@@ -335,10 +344,10 @@ class RunnerProcess:
             os.sched_setaffinity(process.pid, cpus)
         except ProcessLookupError:
             pass
-        output = asyncio.create_task(copy_output(read_end, output_log))
+        output = asyncio.create_task(copy_output(read_end, output_log, phases.feed))
         log.info("runner %s starting: pid %d on %s, cores %s, log %s", key, process.pid, socket_path, cores,
                  log_path)
-        return cls(key, process, socket_path, api_key, log_path, output)
+        return cls(key, process, socket_path, api_key, log_path, output, phases)
 
     async def wait_ready(self, timeout: float) -> None:
         """Until the server answers /health; raises RunnerError if it exits or the timeout passes first."""
@@ -353,6 +362,7 @@ class RunnerProcess:
                 try:
                     async with session.get("http://runner/health") as response:
                         if response.status == 200:
+                            self.phases.ready()
                             return
                 except (aiohttp.ClientError, TimeoutError):
                     pass

@@ -3,7 +3,8 @@
 The host starts a runner with plain `start_new_session` (no code runs between fork and exec) and its own pid in
 `PARENT_ENV`. `register`, a vLLM general plugin run early in each of vLLM's processes, sets the parent-death
 signal there and exits at once if the parent named in the environment is already gone; it then names itself as
-the parent of the processes it will start (the engine core, its worker).
+the parent of the processes it will start (the engine core, its worker). A forked child runs no plugin (vLLM
+loads them once per interpreter), so the same is done for it at fork.
 """
 from __future__ import annotations
 
@@ -28,4 +29,11 @@ def register() -> None:
     if RUNNER_ENV not in os.environ or os.environ.get(PARENT_ENV) == str(os.getpid()):
         return
     die_with_parent(int(os.environ.get(PARENT_ENV) or os.getppid()))
+    os.environ[PARENT_ENV] = str(os.getpid())
+    os.register_at_fork(after_in_child=_guard_forked_child)
+
+
+def _guard_forked_child() -> None:
+    parent = int(os.environ[PARENT_ENV])
+    die_with_parent(parent)
     os.environ[PARENT_ENV] = str(os.getpid())

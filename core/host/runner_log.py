@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 MAX_BYTES = 20 * 2**20
@@ -39,8 +40,9 @@ class RotatingLog:
         self._file.close()
 
 
-async def copy_output(pipe: int, log: RotatingLog) -> None:
-    """The read end of a pipe into the log, until every writer closed it (the runner and its children exited).
+async def copy_output(pipe: int, log: RotatingLog, watch: Callable[[bytes], None] | None = None) -> None:
+    """The read end of a pipe into the log (and to `watch` as it arrives), until every writer closed it (the runner
+    and its children exited).
     A bare pipe, not asyncio's subprocess pipe: that one would hold the runner's exit back until its children,
     which share the pipe, are gone too."""
     reader = asyncio.StreamReader()
@@ -49,6 +51,8 @@ async def copy_output(pipe: int, log: RotatingLog) -> None:
     try:
         while chunk := await reader.read(1 << 16):
             log.write(chunk)
+            if watch is not None:
+                watch(chunk)
     finally:
         transport.close()
         log.close()
