@@ -81,7 +81,7 @@ class FakeUpstream:
 
 
 def make_config(tmp_path: Path, *, engine: str = "vllm", upstream: str | None = None, name: str = "config.json",
-                **server) -> tuple[Path, dict]:
+                eager_first: bool = False, **server) -> tuple[Path, dict]:
     """The embedded config for a test: its own run dir (so its own model host), the real model for every expert
     (engine "vllm": the embedded default, or "float32-eager") or the fake upstream at `upstream` (engine "fake"),
     and server overrides."""
@@ -89,6 +89,8 @@ def make_config(tmp_path: Path, *, engine: str = "vllm", upstream: str | None = 
     for expert in config["experts"]:
         if engine == "vllm":
             expert["model"] = str(MODEL_DIR)
+            # One process per runner for the whole test, numerics included: the eager-first swap has its own tests.
+            expert["engine"]["eager_first"] = eager_first
         elif engine == "float32-eager":
             expert["model"] = str(FLOAT32_DIR)
             expert["engine"].update(FLOAT32_EAGER)

@@ -25,7 +25,7 @@ from core.config import load_config
 from core.host.lifecycle import HostError, RunnerPool, State
 from core.host.model_host import ModelHost
 from core.host.protocol import Grant, HostAddress
-from core.host.runner_log import RotatingLog, copy_output
+from core.host.runner_log import OutputCopy, RotatingLog
 from tests.conftest import REPO, Server, alive, host_pids, make_config, process_tree, write_config
 
 NOBODY = 65534
@@ -472,7 +472,7 @@ def test_runner_output_rotates_by_size(tmp_path):
         read_end, write_end = os.pipe()
         process = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=write_end)
         os.close(write_end)
-        await copy_output(read_end, RotatingLog(log_path, max_bytes=1_000_000, backups=1))
+        await OutputCopy(read_end, RotatingLog(log_path, max_bytes=1_000_000, backups=1)).task
         await process.wait()
 
     asyncio.run(run())

@@ -18,13 +18,15 @@ from typing import Any
 from core.config import AppConfig, ExpertConfig
 from core.host.protocol import HostAddress
 from core.host.runner import (RunnerError, RunnerPlan, RunnerProcess, cpu_flags, cpu_path, plan_runner, runner_key,
-                              split_cores)
+                              split_cores, start_env)
+from core.host.standby import Standby
 from core.models.verdict import read_verdict
 from core.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("capibara6.host")
 HEALTHY_RUN_S = 60.0  # a runner that ran this long before crashing starts its backoff afresh
 STOP_GRACE_S = 10.0  # an unload's SIGTERM-to-SIGKILL wait: vLLM finishes its open requests' aborts
+COMPILE_BEHIND_TIMEOUT_S = 3600.0  # a compiled twin runs only while its eager runner is idle: it may take long
 CLOSE_GRACE_S = 2.0  # the same when the host itself stops: every runner at once, the host gone within 5 s
 _PATH = re.compile(r"(?:/[\w.@+-]+){2,}")
 
@@ -72,6 +74,9 @@ class Runner:
     retry_at: float = 0.0
     last_load_s: float | None = None
     last_start_phases: dict[str, float | None] | None = None  # seconds per phase of its last process start
+    last_start_from_standby: bool = False
+    upgrading: asyncio.Task | None = None  # an eager-first runner's compiled twin, starting behind it
+    last_compiled_s: float | None = None  # from the eager twin's start until the compiled one took over
 
     @property
     def remote(self) -> bool:
@@ -101,7 +106,8 @@ class Runner:
             "effective": plan.effective if plan else None, "warnings": list(plan.warnings) if plan else [],
             "last_start": None if self.last_start_phases is None else {
                 "total_s": round(sum(s for s in self.last_start_phases.values() if s is not None), 2),
-                "phases_s": self.last_start_phases},
+                "phases_s": self.last_start_phases, "from_standby": self.last_start_from_standby,
+                "compiled_after_s": self.last_compiled_s},
         }
 
 
@@ -123,6 +129,8 @@ class RunnerPool:
         self._cpu = cpu_flags()
         self._background: set[asyncio.Task] = set()
         self.closing = False
+        self.standby: Standby | None = None
+        self._standby_starting = False
         for runner in local:  # what each would serve, shown before its first start
             runner.plan = self.plan(runner)
 
@@ -142,6 +150,8 @@ class RunnerPool:
         for key in sorted(self.warm):
             self._spawn(self._warm(self.runners[key]))
         self._spawn(self._reap_idle())
+        if not self.warm:  # else once the warm pool has loaded
+            self._keep_standby()
 
     async def close(self) -> None:
         """Stop every runner at once, each with a short grace: the host is gone within seconds."""
@@ -153,13 +163,15 @@ class RunnerPool:
             task.cancel()
         await asyncio.gather(*self._background, *loads, return_exceptions=True)
         await asyncio.gather(*(self._stop(r, CLOSE_GRACE_S) for r in self.runners.values()),
-                             return_exceptions=True)
+                             *([self.standby.stop()] if self.standby else []), return_exceptions=True)
 
     def kill_all(self) -> None:
         """Last resort on the way out: no runner may outlive the host."""
         for runner in self.runners.values():
             if runner.process is not None:
                 runner.process.kill_now()
+        if self.standby is not None:
+            self.standby.kill_now()
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
@@ -245,11 +257,14 @@ class RunnerPool:
             runner.retry_at = time.monotonic() + backoff
             raise HostError("expert_load_failed", f"runner {runner.key} failed to load ({runner.error}); it is "
                                                   f"tried again in {backoff:.0f} s", backoff) from None
-        runner.state, runner.error, runner.last_used = State.READY, None, time.monotonic()
-        runner.failed_in_a_row = 0
-        runner.loads += 1
-        runner.last_load_s = time.monotonic() - started
-        log.info("runner %s ready in %.1f s", runner.key, runner.last_load_s)
+        else:
+            runner.state, runner.error, runner.last_used = State.READY, None, time.monotonic()
+            runner.failed_in_a_row = 0
+            runner.loads += 1
+            runner.last_load_s = time.monotonic() - started
+            log.info("runner %s ready in %.1f s", runner.key, runner.last_load_s)
+        finally:
+            self._keep_standby()
 
     async def _check_remote(self, runner: Runner) -> None:
         """Loading a remote expert is checking that the upstream answers and lists the model."""
@@ -273,8 +288,13 @@ class RunnerPool:
         for warning in plan.warnings:
             log.warning("%s: %s", runner.key, warning)
         runner.cores = runner.config.engine.cpu_cores or self._free_cores()  # taken before any await
-        process = await RunnerProcess.start(runner.key, plan, runner.cores, self.runtime, self.log_dir)
-        runner.process, runner.plan = process, plan
+        first = plan.eager() if plan.eager_first else plan
+        standby, self.standby = self.standby, None  # one start at a time may adopt it
+        process = await RunnerProcess.start(runner.key, first, runner.cores, self.runtime, self.log_dir, standby,
+                                            stage="eager" if plan.eager_first else "")
+        if standby is not None and not process.from_standby:
+            self.standby = standby  # another start may fit it
+        runner.process, runner.plan = process, first
         try:
             await process.wait_ready(runner.config.load_timeout_s)
         except BaseException:
@@ -282,8 +302,80 @@ class RunnerPool:
             await asyncio.shield(process.stop(CLOSE_GRACE_S))  # even when cancelled: no process is left behind
             raise
         runner.last_start_phases = process.phases.durations()
-        log.info("runner %s started: %s", runner.key, process.phases.summary())
+        runner.last_start_from_standby = process.from_standby
+        runner.last_compiled_s = None
+        log.info("runner %s started%s: %s", runner.key, " eager" if plan.eager_first else "",
+                 process.phases.summary())
         self._spawn(self._watch(runner, process))
+        if plan.eager_first:
+            runner.upgrading = asyncio.create_task(self._compile_behind(runner, plan, process))
+            self._background.add(runner.upgrading)
+            runner.upgrading.add_done_callback(self._background.discard)
+
+    async def _compile_behind(self, runner: Runner, plan: RunnerPlan, eager: RunnerProcess) -> None:
+        """Start the compiled runner beside the eager one; once it answers, new requests go to it and the eager
+        one stops when its last request ends. If it cannot start, the eager runner goes on serving."""
+        started = time.monotonic()
+        try:
+            process = await RunnerProcess.start(runner.key, plan, runner.cores or self._free_cores(), self.runtime,
+                                                self.log_dir)
+            pausing = asyncio.create_task(_run_while_idle(process, eager))
+            try:
+                await process.wait_ready(COMPILE_BEHIND_TIMEOUT_S)
+            except BaseException:
+                await asyncio.shield(process.stop(CLOSE_GRACE_S))
+                raise
+            finally:
+                pausing.cancel()
+                process.pause(False)
+        except (RunnerError, OSError) as error:
+            log.warning("runner %s stays eager: its compiled twin did not start (%s)", runner.key, error)
+            return
+        finally:
+            runner.upgrading = None
+            self._keep_standby()
+        if runner.process is not eager:  # the eager twin crashed meanwhile: its restart starts afresh
+            await process.stop(CLOSE_GRACE_S)
+            return
+        runner.process, runner.plan = process, plan
+        runner.last_compiled_s = round(time.monotonic() - started, 2)
+        log.info("runner %s compiled behind its eager twin in %.1f s: %s", runner.key, runner.last_compiled_s,
+                 process.phases.summary())
+        self._spawn(self._watch(runner, process))
+        self._spawn(self._retire(eager))
+
+    async def _retire(self, process: RunnerProcess) -> None:
+        """Stop a replaced process once the requests it was granted have ended."""
+        try:
+            while process.leases:
+                await asyncio.sleep(0.2)
+        finally:
+            await asyncio.shield(process.stop(STOP_GRACE_S))
+
+    # ------------------------------------------------------------ the standby
+
+    def _keep_standby(self) -> None:
+        """Start a standby if there is none and no runner is loading: its imports never slow a start."""
+        if (not self.config.server.standby_runner or self.closing or self._standby_starting
+                or any(r.state is State.LOADING or r.upgrading for r in self.runners.values())
+                or (self.standby is not None and self.standby.process.returncode is None)):
+            return
+        local = sorted((r for r in self.runners.values() if not r.remote), key=lambda r: (r.key in self.warm, r.key))
+        if local:  # made for the likeliest next start: a runner outside the warm pool
+            self.standby, self._standby_starting = None, True
+            self._spawn(self._start_standby(local[0]))
+
+    async def _start_standby(self, like: Runner) -> None:
+        log_path = self.log_dir / "standby.log"
+        env = start_env(self.plan(like), self._core_slots[0], self.runtime, log_path, "")
+        del env["VLLM_API_KEY"]
+        try:
+            self.standby = await Standby.start(env, log_path)
+            log.info("standby runner started: pid %d", self.standby.pid)
+        except OSError as error:
+            log.warning("no standby runner: %s", error)
+        finally:
+            self._standby_starting = False
 
     def _free_cores(self) -> str:
         """The first core set no other local runner holds (all runners share when there are more than sets)."""
@@ -310,6 +402,8 @@ class RunnerPool:
         runner.retry_at = time.monotonic() + backoff
         runner.process = None
         process.kill_now()  # its engine-core children
+        if runner.upgrading is not None:  # its compiled twin too: the restart starts afresh
+            runner.upgrading.cancel()
         log.error("runner %s crashed: %s; restart allowed in %.0f s", runner.key, runner.error, backoff)
         if runner.key in self.warm and not self.closing:
             await asyncio.sleep(backoff)
@@ -342,6 +436,10 @@ class RunnerPool:
         runner.unloads += 1
 
     async def _stop(self, runner: Runner, grace_s: float = STOP_GRACE_S) -> None:
+        if runner.upgrading is not None:  # its compiled twin goes first, before the cores are given back
+            upgrading = runner.upgrading
+            upgrading.cancel()
+            await asyncio.gather(upgrading, return_exceptions=True)
         process, runner.process, runner.base_url, runner.cores = runner.process, None, None, None
         if process is not None:
             runner.stopping = stopping = asyncio.ensure_future(process.stop(grace_s))
@@ -350,6 +448,19 @@ class RunnerPool:
             log.info("stopped runner %s (pid %d)", runner.key, process.pid)
         if runner.state is State.READY:
             runner.state = State.UNLOADED
+
+
+async def _run_while_idle(twin: RunnerProcess, eager: RunnerProcess) -> None:
+    """Pause the compiling twin while the eager runner has requests. Two OpenMP teams on the same cores wait on
+    each other's threads: under a steady stream of requests here the compile took 560 s instead of 35, and the
+    requests slowed; so the requests come first and the compile uses the gaps between them."""
+    paused = False
+    while True:
+        busy = eager.leases > 0
+        if busy != paused:
+            twin.pause(busy)
+            paused = busy
+        await asyncio.sleep(0.05)
 
 
 def _stopped(runner: Runner, stop: asyncio.Future) -> None:

@@ -77,12 +77,17 @@ class ModelHost:
             runner.active += 1
             expert.active += 1
             runner.last_used = time.monotonic()
+            process = runner.process  # the one granted: a runner compiled behind its eager twin may swap it
+            if process is not None:
+                process.leases += 1
             try:
                 yield self._grant(runner)
             finally:
                 runner.active -= 1
                 expert.active -= 1
                 runner.last_used = time.monotonic()
+                if process is not None:
+                    process.leases -= 1
         finally:
             expert.admission.release()
 
@@ -110,6 +115,10 @@ class ModelHost:
         if not runner.idle:
             raise HostError("expert_busy", f"expert '{expert_id}' is serving requests; unload it when idle")
         await self.pool.unload(runner)
+
+    def standby(self) -> dict[str, Any] | None:
+        """The standby runner process, if one is kept: its pid and whether its imports are done."""
+        return self.pool.standby.describe() if self.pool.standby else None
 
     def states(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,10 @@ from core.host.compact_tool_json import ENV as COMPACT_JSON_ENV
 from core.host.fast_sampler import ENV as FAST_SAMPLER_ENV
 from core.host.fork_engine_core import ENV as FORK_ENGINE_CORE_ENV
 from core.host.runner_guard import PARENT_ENV, RUNNER_ENV
-from core.host.runner_log import RotatingLog, copy_output
+from core.host.runner_log import OutputCopy, RotatingLog
 from core.host.runner_phases import StartPhases
+from core.host.standby import Standby, StandbyGone
+from core.host.standby_process import SERVER_MODULE
 from core.local_ipc import SameUserConnector, check_socket_path
 from core.models.verdict import Verdict
 
@@ -42,7 +44,7 @@ RUNNER_FIELDS = ("dtype", "quantization", "kv_cache_dtype", "kv_cache_memory_byt
                  "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "max_seq_len_to_capture",
                  "enable_chunked_prefill", "enable_prefix_caching", "neon_kernels", "seed", "tool_call_parser",
                  "tool_strict_level", "compact_json", "fast_sampler", "cpu_cores", "worker_process",
-                 "fork_engine_core")
+                 "fork_engine_core", "eager_first")
 REMOTE_FIELDS = ("base_url", "remote_model", "api_key_env", "connect_timeout_s", "read_timeout_s")
 
 
@@ -116,6 +118,16 @@ class RunnerPlan:
     effective: dict[str, Any]
     warnings: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def eager_first(self) -> bool:
+        """Whether this runner starts as its eager twin (`eager`) and is compiled behind it."""
+        return bool(self.effective.get("eager_first"))
+
+    def eager(self) -> "RunnerPlan":
+        """The same runner without compilation: the same environment, so a standby fits either."""
+        return replace(self, flags=(*self.flags, "--enforce-eager"),
+                       effective={**self.effective, "enforce_eager": True})
 
 
 def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | None = None,
@@ -216,6 +228,7 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | N
                  "scheduling_policy": "priority",
                  "worker_process": options.worker_process,
                  "fork_engine_core": options.fork_engine_core and not options.worker_process,
+                 "eager_first": options.eager_first and not options.enforce_eager,
                  "preload": [Path(lib).name for lib in preload]}
     return RunnerPlan(model, tuple(flags), effective, tuple(warnings), env)
 
@@ -270,9 +283,10 @@ def parse_cores(cores: str) -> set[int]:
     return found
 
 
-def runner_socket(runtime: Path, key: str) -> Path:
-    """Where a runner listens: its key's hash, short enough for sun_path in any runtime folder."""
-    return runtime / f"{key.rsplit('-', 1)[-1]}.sock"
+def runner_socket(runtime: Path, key: str, stage: str = "") -> Path:
+    """Where a runner listens: its key's hash (and its stage: an eager-first runner's eager twin listens beside
+    it), short enough for sun_path in any runtime folder."""
+    return runtime / f"{key.rsplit('-', 1)[-1]}{stage and '-' + stage}.sock"
 
 
 # What a runner inherits from the host's environment: locale, paths and the engine's own knobs, never the fronts'
@@ -291,11 +305,41 @@ def runner_env(plan: RunnerPlan, inherited: Mapping[str, str], own: Mapping[str,
     return {**allowed, **plan.env, **own}
 
 
+def start_env(plan: RunnerPlan, cores: str, runtime: Path, log_path: Path, api_key: str) -> dict[str, str]:
+    """Everything a runner on `cores` is started with, besides its command line."""
+    return runner_env(plan, os.environ, {
+        "VLLM_CPU_OMP_THREADS_BIND": cores, "OMP_NUM_THREADS": str(len(parse_cores(cores))),
+        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_API_KEY": api_key, "VLLM_RPC_BASE_PATH": str(runtime), RUNNER_ENV: str(log_path),
+        PARENT_ENV: str(os.getpid())})
+
+
+async def _spawn(argv: list[str], env: dict[str, str], cpus: set[int], log: RotatingLog,
+                 watch) -> tuple[asyncio.subprocess.Process, OutputCopy]:
+    """A new process in its own group on `cpus`, its stdout and stderr copied into `log`."""
+    read_end, write_end = os.pipe()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=write_end, stderr=write_end, env=env,
+            start_new_session=True)
+    except BaseException:
+        os.close(read_end)
+        log.close()
+        raise
+    finally:
+        os.close(write_end)
+    try:  # before the interpreter has started a thread: every process and thread vLLM starts inherits it
+        os.sched_setaffinity(process.pid, cpus)
+    except ProcessLookupError:
+        pass
+    return process, OutputCopy(read_end, log, watch)
+
+
 class RunnerProcess:
     """One started vLLM server: its process group, its unix socket and key, and its exit."""
 
     def __init__(self, key: str, process: asyncio.subprocess.Process, socket_path: Path, api_key: str,
-                 log_path: Path, output: asyncio.Task, phases: StartPhases):
+                 log_path: Path, output: OutputCopy, phases: StartPhases, from_standby: bool = False):
         self.key = key
         self.process = process
         self.socket = socket_path
@@ -303,51 +347,46 @@ class RunnerProcess:
         self.log_path = log_path
         self.started = phases.started
         self.phases = phases
-        self._output = output
+        self.from_standby = from_standby
+        self.leases = 0  # requests granted this process and not done: it is retired only at 0
+        self._output = output.task
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     @classmethod
-    async def start(cls, key: str, plan: RunnerPlan, cores: str, runtime: Path, log_dir: Path
-                    ) -> "RunnerProcess":
+    async def start(cls, key: str, plan: RunnerPlan, cores: str, runtime: Path, log_dir: Path,
+                    standby: Standby | None = None, stage: str = "") -> "RunnerProcess":
         """Launch the server on a unix socket in `runtime` (private to this user) with a fresh API key, given in
-        its environment, never on its command line; returns at once (see `wait_ready`)."""
-        socket_path = check_socket_path(runner_socket(runtime, key))
+        its environment, never on its command line; returns at once (see `wait_ready`). A `standby` that fits
+        becomes the server instead of a new process; a `stage` ("eager") has a socket and log of its own."""
+        socket_path = check_socket_path(runner_socket(runtime, key, stage))
         socket_path.unlink(missing_ok=True)
         api_key = secrets.token_urlsafe(32)
-        log_path = log_dir / f"{key}.log"
+        log_path = log_dir / f"{key}{stage and '-' + stage}.log"
         output_log = RotatingLog(log_path)
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", plan.model,
-                "--served-model-name", key, "--uds", str(socket_path), *plan.flags]
+        args = ["--model", plan.model, "--served-model-name", key, "--uds", str(socket_path), *plan.flags]
         cpus = parse_cores(cores)
-        env = runner_env(plan, os.environ, {
-            "VLLM_CPU_OMP_THREADS_BIND": cores, "OMP_NUM_THREADS": str(len(cpus)), "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "VLLM_API_KEY": api_key, "VLLM_RPC_BASE_PATH": str(runtime), RUNNER_ENV: str(log_path),
-            PARENT_ENV: str(os.getpid())})
-        output_log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
-        read_end, write_end = os.pipe()
+        env = start_env(plan, cores, runtime, log_path, api_key)
+        adopt = standby is not None and standby.fits(env)
+        how = f"standby pid {standby.pid}" if adopt else sys.executable
+        output_log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {how} -m {SERVER_MODULE} "
+                         f"{' '.join(args)}\n".encode())
         phases = StartPhases(time.monotonic())
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=write_end, stderr=write_end, env=env,
-                start_new_session=True)
-        except BaseException:
-            os.close(read_end)
-            output_log.close()
-            raise
-        finally:
-            os.close(write_end)
-        try:  # before the interpreter has started a thread: every process and thread vLLM starts inherits it
-            os.sched_setaffinity(process.pid, cpus)
-        except ProcessLookupError:
-            pass
-        output = asyncio.create_task(copy_output(read_end, output_log, phases.feed))
-        log.info("runner %s starting: pid %d on %s, cores %s, log %s", key, process.pid, socket_path, cores,
-                 log_path)
-        return cls(key, process, socket_path, api_key, log_path, output, phases)
+        process: asyncio.subprocess.Process | None = None
+        if adopt:
+            try:
+                process, output = await standby.adopt(args, env, cpus, output_log, phases.feed)
+            except StandbyGone:
+                log.warning("runner %s: the standby exited before it was adopted; starting a new process", key)
+                output_log, adopt = RotatingLog(log_path), False
+        if process is None:
+            process, output = await _spawn([sys.executable, "-m", SERVER_MODULE, *args], env, cpus, output_log,
+                                           phases.feed)
+        log.info("runner %s starting: pid %d%s on %s, cores %s, log %s", key, process.pid,
+                 " (the standby)" if adopt else "", socket_path, cores, log_path)
+        return cls(key, process, socket_path, api_key, log_path, output, phases, adopt)
 
     async def wait_ready(self, timeout: float) -> None:
         """Until the server answers /health; raises RunnerError if it exits or the timeout passes first."""
@@ -393,6 +432,10 @@ class RunnerProcess:
             await asyncio.sleep(0.05)
         await asyncio.wait([self._output], timeout=1.0)
         self.socket.unlink(missing_ok=True)
+
+    def pause(self, paused: bool) -> None:
+        """Stop (SIGSTOP) or continue every process of its group: a stopped one takes no CPU and keeps its state."""
+        self._signal_group(signal.SIGSTOP if paused else signal.SIGCONT)
 
     def kill_now(self) -> None:
         """For the host's exit path, where nothing can be awaited."""

@@ -40,19 +40,31 @@ class RotatingLog:
         self._file.close()
 
 
-async def copy_output(pipe: int, log: RotatingLog, watch: Callable[[bytes], None] | None = None) -> None:
-    """The read end of a pipe into the log (and to `watch` as it arrives), until every writer closed it (the runner
-    and its children exited).
+class OutputCopy:
+    """The read end of a pipe copied into a log (and to `watch` as it arrives) until every writer closed it (the
+    runner and its children exited). `switch` sends what follows to another log: a standby runner's output goes to
+    the log of the runner it becomes.
     A bare pipe, not asyncio's subprocess pipe: that one would hold the runner's exit back until its children,
     which share the pipe, are gone too."""
-    reader = asyncio.StreamReader()
-    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(pipe, "rb", buffering=0))
-    try:
-        while chunk := await reader.read(1 << 16):
-            log.write(chunk)
-            if watch is not None:
-                watch(chunk)
-    finally:
-        transport.close()
-        log.close()
+
+    def __init__(self, pipe: int, log: RotatingLog, watch: Callable[[bytes], None] | None = None):
+        self.log = log
+        self.watch = watch
+        self.task = asyncio.create_task(self._copy(pipe))
+
+    def switch(self, log: RotatingLog, watch: Callable[[bytes], None] | None = None) -> None:
+        previous, self.log, self.watch = self.log, log, watch
+        previous.close()
+
+    async def _copy(self, pipe: int) -> None:
+        reader = asyncio.StreamReader()
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(pipe, "rb", buffering=0))
+        try:
+            while chunk := await reader.read(1 << 16):
+                self.log.write(chunk)
+                if self.watch is not None:
+                    self.watch(chunk)
+        finally:
+            transport.close()
+            self.log.close()

@@ -92,7 +92,8 @@ class HostApi:
         return response
 
     async def states(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps({"pid": os.getpid(), "experts": self.host.states()}),
+        return web.Response(body=orjson.dumps({"pid": os.getpid(), "experts": self.host.states(),
+                                               "standby": self.host.standby()}),
                             content_type="application/json")
 
     async def admin(self, request: web.Request) -> web.Response:
