@@ -64,8 +64,8 @@ async def cold_request(url: str, config: Path) -> tuple[float, dict]:
     is unloaded again once compiled, so that one engine at a time has the cores."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         first_token, _ = await stream_chat(session, url, {"model": EXPERT, "messages": messages(0), "max_tokens": 8})
-    start = (await engine(url))["last_start"]
     await settle(url, config)
+    start = (await engine(url))["last_start"]  # once compiled: when the twin took over, too
     await unload(url)
     await settle(url, config)
     return first_token, start

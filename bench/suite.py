@@ -67,6 +67,7 @@ def fronts(config: Path, kinds: tuple[str, ...], repo: Path = REPO, log_dir: Pat
     """Servers of `repo` (ours, or the in-process design's worktree) on free ports; stopped on exit."""
     started: list[Front] = []
     log_dir = log_dir or config.parent
+    log_dir.mkdir(parents=True, exist_ok=True)
     try:
         for kind in kinds:
             port = free_port()
