@@ -76,7 +76,7 @@ class Runner:
     last_start_phases: dict[str, float | None] | None = None  # seconds per phase of its last process start
     last_start_from_standby: bool = False
     upgrading: asyncio.Task | None = None  # an eager-first runner's compiled twin, starting behind it
-    last_compiled_s: float | None = None  # from the eager twin's start until the compiled one took over
+    last_compiled_s: float | None = None  # from the eager runner being ready until its compiled twin took over
 
     @property
     def remote(self) -> bool:
@@ -332,7 +332,8 @@ class RunnerPool:
             log.warning("runner %s stays eager: its compiled twin did not start (%s)", runner.key, error)
             return
         finally:
-            runner.upgrading = None
+            if runner.upgrading is asyncio.current_task():  # not a newer start's, after a crash cancelled this one
+                runner.upgrading = None
             self._keep_standby()
         if runner.process is not eager:  # the eager twin crashed meanwhile: its restart starts afresh
             await process.stop(CLOSE_GRACE_S)
