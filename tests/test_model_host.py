@@ -61,12 +61,13 @@ def states(server: Server) -> dict[str, dict]:
 def lifecycle(tmp_path_factory):
     """Three runners (A: phi4_fast and the experts that share its settings, B: qwen_coder with another seed,
     C: mistral_balanced with our kernels),
-    at most two loaded, A warm; a standard and a streaming front on the same host. The idle timeout is longer
-    than a runner's start, so that nothing is unloaded before the last test waits for it. Float32 and eager: four
-    starts without compilation, and our kernels are float32 kernels of vLLM's eager custom ops."""
+    at most two loaded, A warm; a standard and a streaming front on the same host. The idle timeout is a few times
+    a runner's start and longer than any test's pause between uses of a runner, so that nothing is unloaded before
+    the idle test waits for it (which waits the whole timeout). Float32 and eager: four starts without
+    compilation, and our kernels are float32 kernels of vLLM's eager custom ops."""
     tmp = tmp_path_factory.mktemp("lifecycle")
     path, config = make_config(tmp, engine="float32-eager", warmup=[RUNNER_A], max_loaded_experts=2,
-                               idle_timeout_s=100, idle_check_interval_s=0.5)
+                               idle_timeout_s=40, idle_check_interval_s=0.5)
     for expert in config["experts"]:
         expert["engine"]["seed"] = 1 if expert["id"] == RUNNER_B else 0
     next(e for e in config["experts"] if e["id"] == RUNNER_C)["engine"]["neon_kernels"] = True
