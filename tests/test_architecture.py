@@ -1,8 +1,11 @@
 """The tree's rules, read from the source (docs/architecture.md): the fronts reach the host only through its
-protocol module, core/ and tests/ never import bench/, and no module of core/ imports itself back in a circle."""
+protocol module, core/ and tests/ never import bench/, no module of core/ imports itself back in a circle, and the
+host and fronts start without the engine's imports."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,3 +83,11 @@ def test_the_circle_check_can_fail(tmp_path, monkeypatch):
         assert "core.a" in str(error) and "core.b" in str(error)
     else:
         raise AssertionError("a circle of two modules went unnoticed")
+
+
+def test_the_host_and_the_fronts_import_neither_torch_nor_vllm():
+    """Every front's first request waits for a host's start; torch alone was 1.4 s of it (and memory in each)."""
+    probe = ("import sys, core.host.server, servers.standard, servers.streaming, servers.consensus\n"
+             "print(sorted({'torch', 'vllm', 'transformers'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=True, capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

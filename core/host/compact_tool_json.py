@@ -12,7 +12,8 @@ import functools
 import logging
 import os
 
-ENV = "CAPIBARA_COMPACT_JSON"  # set by the host in a runner's environment (engine.compact_json)
+from core.host.patch_switches import COMPACT_JSON as ENV  # set by the host (engine.compact_json)
+
 MAX_WHITESPACE = 1  # one space between tokens stays legal, so a string value may hold "New York"
 VLLM_VERSION = "0.32.0"
 log = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ import os
 
 import torch
 
+from core.host.patch_switches import FAST_SAMPLER as ENV  # set by the host (engine.fast_sampler)
 from core.host.top_k_top_p import apply_top_k_top_p, nuclei
 
-ENV = "CAPIBARA_FAST_SAMPLER"  # set by the host in a runner's environment (engine.fast_sampler)
 VLLM_VERSION = "0.32.0"
 log = logging.getLogger(__name__)
 

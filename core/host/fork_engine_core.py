@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
-ENV = "CAPIBARA_FORK_ENGINE_CORE"  # set by the host in a runner's environment (engine.fork_engine_core)
+from core.host.patch_switches import FORK_ENGINE_CORE as ENV  # set by the host (engine.fork_engine_core)
+
 VLLM_VERSION = "0.32.0"
 log = logging.getLogger(__name__)
 

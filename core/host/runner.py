@@ -27,9 +27,7 @@ from typing import Any
 import aiohttp
 
 from core.config import ExpertConfig
-from core.host.compact_tool_json import ENV as COMPACT_JSON_ENV
-from core.host.fast_sampler import ENV as FAST_SAMPLER_ENV
-from core.host.fork_engine_core import ENV as FORK_ENGINE_CORE_ENV
+from core.host import patch_switches
 from core.host.runner_guard import PARENT_ENV, RUNNER_ENV
 from core.host.runner_log import OutputCopy, RotatingLog
 from core.host.runner_phases import StartPhases
@@ -199,9 +197,9 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | N
                   "--tool-strict-level", options.tool_strict_level]
     if options.compact_json:
         flags += ["--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})]
-        env[COMPACT_JSON_ENV] = "1"
+        env[patch_switches.COMPACT_JSON] = "1"
     if options.fast_sampler:
-        env[FAST_SAMPLER_ENV] = "1"
+        env[patch_switches.FAST_SAMPLER] = "1"
     if options.neon_kernels:
         env["NEON_EXT_VLLM_OPS"] = "1"
     if not options.worker_process:
@@ -210,7 +208,7 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | N
         flags += ["--distributed-executor-backend", "uni"]
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if options.fork_engine_core:
-            env[FORK_ENGINE_CORE_ENV] = "1"
+            env[patch_switches.FORK_ENGINE_CORE] = "1"
     preload = cpu_preloads() if on_cpu else []
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
