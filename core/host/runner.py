@@ -359,6 +359,11 @@ class RunnerProcess:
         """Launch the server on a unix socket in `runtime` (private to this user) with a fresh API key, given in
         its environment, never on its command line; returns at once (see `wait_ready`). A `standby` that fits
         becomes the server instead of a new process; a `stage` ("eager") has a socket and log of its own."""
+        model = Path(plan.model)
+        if (model.is_absolute() or plan.model.startswith(".")) and not model.is_dir():
+            # vLLM would import for 10-20 s, then take the path for a hub repo id and fail on that
+            log.error("runner %s: the model folder %s does not exist", key, model)
+            raise RunnerError(f"the model folder {model.name!r} does not exist")
         socket_path = check_socket_path(runner_socket(runtime, key, stage))
         socket_path.unlink(missing_ok=True)
         api_key = secrets.token_urlsafe(32)
