@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 RUNNER_FIELDS = ("dtype", "quantization", "kv_cache_dtype", "kv_cache_memory_bytes", "max_model_len",
                  "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "max_seq_len_to_capture",
                  "enable_chunked_prefill", "enable_prefix_caching", "neon_kernels", "seed", "tool_call_parser",
-                 "tool_strict_level", "compact_json", "fast_sampler", "cpu_cores", "worker_process",
-                 "fork_engine_core", "eager_first")
+                 "tool_strict_level", "forced_tool_json", "compact_json", "fast_sampler", "cpu_cores",
+                 "worker_process", "fork_engine_core", "eager_first")
 REMOTE_FIELDS = ("base_url", "remote_model", "api_key_env", "connect_timeout_s", "read_timeout_s")
 
 
@@ -195,6 +195,8 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | N
     if options.tool_call_parser:
         flags += ["--enable-auto-tool-choice", "--tool-call-parser", options.tool_call_parser,
                   "--tool-strict-level", options.tool_strict_level]
+        if options.forced_tool_json:
+            env[patch_switches.FORCED_TOOL_JSON] = options.tool_call_parser
     if options.compact_json:
         flags += ["--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})]
         env[patch_switches.COMPACT_JSON] = "1"
@@ -222,6 +224,7 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | N
                  "enable_prefix_caching": options.enable_prefix_caching, "num_scheduler_steps": 1,
                  "max_seq_len_to_capture": capture, "seed": options.seed, "neon_kernels": options.neon_kernels,
                  "tool_call_parser": options.tool_call_parser, "tool_strict_level": options.tool_strict_level,
+                 "forced_tool_json": options.forced_tool_json,
                  "compact_json": options.compact_json, "fast_sampler": options.fast_sampler,
                  "scheduling_policy": "priority",
                  "worker_process": options.worker_process,

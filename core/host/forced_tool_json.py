@@ -1,0 +1,83 @@
+"""A vLLM plugin, in runners with engine.forced_tool_json: a named tool choice is its arguments' JSON, not the envelope.
+
+vLLM 0.32 forces a named tool call through the parser's structural tag, so the model must write the whole envelope
+(`<tool_call>\\n{"name": "get_weather", "arguments": `) under the grammar, one allowed token at a time. SmolLM2
+spelled it letter by letter ("t", "oo", "l", "_", "c", "al", "l") and lost the thread: asked "Weather in Paris?"
+at temperature 0 it wrote the city as "cet_cet_cet..." until max_tokens. vLLM's standard path asks for the arguments
+alone under the function's schema (`{"city":"Paris"}`); this takes it for a named choice, on parsers whose envelope
+holds only the name. `required` and "auto" keep the structural tag (bench/bench_tool_calls.py measures both paths).
+It checks the vLLM version and the names it wraps; tests/test_tools.py fails if they change.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+
+from core.host.patch_switches import FORCED_TOOL_JSON as ENV  # set by the host to the runner's tool-call parser
+
+VLLM_VERSION = "0.32.0"
+ENVELOPE_OF_NAME_AND_ARGUMENTS = frozenset({"hermes"})  # parsers whose calls vLLM's standard JSON path renders alike
+# DelegatingParser's steps that read the tool parser's supports_required_and_named: each request decides it anew.
+DECIDING_STEPS = ("adjust_request", "_extract_tool_calls", "_extract_tool_calls_streaming")
+log = logging.getLogger(__name__)
+
+
+def apply(parser_name: str) -> bool:
+    """Route named choices of this parser to vLLM's JSON path; False (and a warning) where that is not known to fit."""
+    import vllm
+    from vllm.parser.abstract_parser import DelegatingParser
+    from vllm.tool_parsers import ToolParserManager
+
+    if parser_name not in ENVELOPE_OF_NAME_AND_ARGUMENTS:
+        log.warning("forced tool JSON not applied: parser %r does not write calls as a name and arguments",
+                    parser_name)
+        return False
+    steps = [getattr(DelegatingParser, name, None) for name in DECIDING_STEPS + ("_apply_structural_tag",)]
+    if vllm.__version__ != VLLM_VERSION or None in steps:
+        log.warning("forced tool JSON not applied: written for vLLM %s, found %s", VLLM_VERSION, vllm.__version__)
+        return False
+    parser_class = ToolParserManager.get_tool_parser(parser_name)
+    if not getattr(DelegatingParser._apply_structural_tag, "forced_tool_json", False):
+        DelegatingParser._apply_structural_tag = _unless_named(DelegatingParser._apply_structural_tag)
+        for name in DECIDING_STEPS:
+            setattr(DelegatingParser, name, _deciding_the_path(getattr(DelegatingParser, name), parser_class))
+    return True
+
+
+def named(request) -> bool:
+    """A tool choice that names one function (a string choice is "none", "auto" or "required")."""
+    return request.tool_choice is not None and not isinstance(request.tool_choice, str)
+
+
+def _unless_named(apply_structural_tag):
+    """DelegatingParser._apply_structural_tag, skipped for a named choice: the tool parser then sets its schema."""
+
+    @functools.wraps(apply_structural_tag)
+    def wrapper(self, request):
+        return request if named(request) else apply_structural_tag(self, request)
+
+    wrapper.forced_tool_json = True
+    return wrapper
+
+
+def _deciding_the_path(step, parser_class):
+    """A DelegatingParser step that first tells this request's tool parser (one per request) which path it takes."""
+    signature = inspect.signature(step)
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if isinstance(self._tool_parser, parser_class):
+            request = signature.bind(self, *args, **kwargs).arguments["request"]
+            self._tool_parser.supports_required_and_named = named(request)
+        return step(self, *args, **kwargs)
+
+    return wrapper
+
+
+def register() -> None:
+    """The vLLM plugin entry point."""
+    parser_name = os.environ.get(ENV)
+    if parser_name:
+        apply(parser_name)
