@@ -1,9 +1,11 @@
 """Forced tool calls as agents send them: how many give arguments that parse and validate, with and without
-engine.forced_tool_json (a named choice written as the arguments' JSON under the function's schema, against vLLM's
-structural tag that has the model spell the whole `<tool_call>` envelope; `required` takes the tag in both arms).
+engine.forced_tool_json (a call forced to one function, named or "required" with one tool, written as the
+arguments' JSON under the function's schema, against vLLM's structural tag that has the model spell the whole
+`<tool_call>` envelope; "required" among several tools takes the tag in both arms).
 
 Two configs that differ only in that switch, each with its own host and standard front, the same terse prompts
-(several tools, a named or a `required` choice, the expert's own sampling and temperature 0) sent through each in
+(a named choice among three tools, "required" with the one tool that fits, "required" among the three; the
+expert's own sampling and temperature 0) sent through each in
 alternating rounds. Prints, per arm, the share of answers with valid calls, the share whose first string argument
 is a word of the prompt (a call that names "Paris" when asked about Paris), and the median latency; then ratios.
 
@@ -44,6 +46,11 @@ PROMPTS = [("Weather in Paris?", "get_weather"), ("is it raining in tokyo", "get
            ("What time is it in Berlin?", "get_time"), ("time in Sydney pls", "get_time"),
            ("find me recent papers on mixture of experts", "search_web"), ("look up capybara lifespan", "search_web")]
 
+CHOICES = {"named": lambda name: {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": name}}},
+           "required, 1": lambda name: {"tools": [t for t in TOOLS if t["function"]["name"] == name],
+                                        "tool_choice": "required"},
+           "required, 3": lambda name: {"tools": TOOLS, "tool_choice": "required"}}
+
 
 def outcome(answer: dict, prompt: str) -> tuple[bool, bool]:
     """(valid: calls whose arguments parse and validate; grounded: the first string argument is in the prompt)."""
@@ -67,31 +74,29 @@ async def ask(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[dic
 
 
 async def compare(urls: dict[str, str], rounds: int, max_tokens: int) -> None:
-    results = {(arm, choice, sampling): [] for arm in urls for choice in ("named", "required")
+    results = {(arm, choice, sampling): [] for arm in urls for choice in CHOICES
                for sampling in ("default", "temperature 0")}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         for _ in range(rounds):
             for (arm, choice, sampling), rows in results.items():
                 for prompt, name in PROMPTS:
-                    body = {"model": EXPERT, "messages": [{"role": "user", "content": prompt}], "tools": TOOLS,
-                            "max_tokens": max_tokens,
-                            "tool_choice": {"type": "function", "function": {"name": name}}
-                            if choice == "named" else "required"}
+                    body = {"model": EXPERT, "messages": [{"role": "user", "content": prompt}],
+                            "max_tokens": max_tokens, **CHOICES[choice](name)}
                     if sampling == "temperature 0":
                         body["temperature"] = 0
                     answer, seconds = await ask(session, urls[arm], body)
                     rows.append((*outcome(answer, prompt), seconds))
     print(f"{rounds} rounds x {len(PROMPTS)} prompts, max_tokens {max_tokens}")
-    print(f"{'arm':>18}{'choice':>10}{'sampling':>15}{'valid':>8}{'grounded':>10}{'median s':>10}")
+    print(f"{'arm':>18}{'choice':>14}{'sampling':>15}{'valid':>8}{'grounded':>10}{'median s':>10}")
     for (arm, choice, sampling), rows in results.items():
-        print(f"{arm:>18}{choice:>10}{sampling:>15}{sum(r[0] for r in rows) / len(rows):>8.0%}"
+        print(f"{arm:>18}{choice:>14}{sampling:>15}{sum(r[0] for r in rows) / len(rows):>8.0%}"
               f"{sum(r[1] for r in rows) / len(rows):>10.0%}{statistics.median(r[2] for r in rows):>10.2f}")
     base, ours = urls
-    for choice in ("named", "required"):
+    for choice in CHOICES:
         for sampling in ("default", "temperature 0"):
             a, b = results[(base, choice, sampling)], results[(ours, choice, sampling)]
             ratio = statistics.median(r[2] for r in b) / statistics.median(r[2] for r in a)
-            print(f"{choice:>9} {sampling:>13}: valid {sum(r[0] for r in b)}/{len(b)} vs {sum(r[0] for r in a)}/"
+            print(f"{choice:>13} {sampling:>13}: valid {sum(r[0] for r in b)}/{len(b)} vs {sum(r[0] for r in a)}/"
                   f"{len(a)}; median latency ratio {ratio:.2f}")
 
 

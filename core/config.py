@@ -64,9 +64,10 @@ class EngineOptions(_Strict):
     # argument schema, as if each tool said "strict": true, which agents (n8n, MCP clients) never send: a forced
     # tool choice then always gives arguments that parse and validate. "auto" pins only tools marked strict.
     tool_strict_level: Literal["auto", "function", "parameter"] = "parameter"
-    # A named tool_choice is written as the function's arguments under its schema, the parser's envelope added after
-    # (core/host/forced_tool_json.py): made to spell the envelope token by token, SmolLM2 lost the thread (9 valid
-    # calls in 18 against 18 in 18 at temperature 0, bench/bench_tool_calls.py).
+    # A call forced to one function (a named tool_choice, or "required" with one tool) is written as its arguments
+    # under the function's schema, the parser's envelope added after (core/host/forced_tool_json.py): made to spell
+    # the envelope token by token, SmolLM2 lost the thread (9 valid calls in 18 against 18 in 18 at temperature 0,
+    # bench/bench_tool_calls.py).
     forced_tool_json: bool = True
     # Constrained JSON (tool arguments, response_format) without free whitespace between tokens (xgrammar's
     # disable_any_whitespace): a small model otherwise spends its token budget on newlines inside the JSON and is

@@ -296,6 +296,11 @@ class ChatCompletionRequest(_Generation):
         return bool(self.tools) and self.tool_choice != "none"
 
     @property
+    def tool_call_finish_reason(self) -> str:
+        """OpenAI's finish reason for an answer that is a tool call: "stop" when tool_choice named the function."""
+        return "stop" if isinstance(self.tool_choice, NamedToolChoice) else "tool_calls"
+
+    @property
     def has_images(self) -> bool:
         return any(message.has_images for message in self.messages)
 

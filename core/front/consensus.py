@@ -293,8 +293,8 @@ class ConsensusJob:
         fan_out = await self._fan_out()
         if (voted := self._voted(fan_out)) is not None:
             winner, consensus = voted
-            answer = render_chat_response(winner.expert, None, "tool_calls", fan_out.usage.render(),
-                                          consensus=consensus)
+            answer = render_chat_response(winner.expert, None, self.request.tool_call_finish_reason,
+                                          fan_out.usage.render(), consensus=consensus)
             answer["choices"][0]["message"]["tool_calls"] = list(winner.tool_calls)
             return answer
         expert = self._writer(fan_out)
@@ -370,7 +370,7 @@ class ConsensusJob:
                 chunk = render_chat_chunk(chunk_id, winner.expert, None, None)
                 chunk["choices"][0]["delta"]["tool_calls"] = [delta]
                 yield chunk
-        last = render_chat_chunk(chunk_id, winner.expert, None, "tool_calls")
+        last = render_chat_chunk(chunk_id, winner.expert, None, self.request.tool_call_finish_reason)
         if self.request.include_usage:
             yield last
             yield {**last, "choices": [], "usage": fan_out.usage.render(), "consensus": consensus}

@@ -1,12 +1,13 @@
-"""A vLLM plugin, in runners with engine.forced_tool_json: a named tool choice is its arguments' JSON, not the envelope.
+"""A vLLM plugin, in runners with engine.forced_tool_json: a call forced to one function is its arguments' JSON alone.
 
 vLLM 0.32 forces a named tool call through the parser's structural tag, so the model must write the whole envelope
 (`<tool_call>\\n{"name": "get_weather", "arguments": `) under the grammar, one allowed token at a time. SmolLM2
 spelled it letter by letter ("t", "oo", "l", "_", "c", "al", "l") and lost the thread: asked "Weather in Paris?"
 at temperature 0 it wrote the city as "cet_cet_cet..." until max_tokens. vLLM's standard path asks for the arguments
-alone under the function's schema (`{"city":"Paris"}`); this takes it for a named choice, on parsers whose envelope
-holds only the name. `required` and "auto" keep the structural tag (bench/bench_tool_calls.py measures both paths).
-It checks the vLLM version and the names it wraps; tests/test_tools.py fails if they change.
+alone under the function's schema (`{"city":"Paris"}`); this takes it for a named choice, and for "required" with
+one function (the same call), on parsers whose envelope holds only the name. "required" among several tools and
+"auto" keep the structural tag (bench/bench_tool_calls.py measures both paths). It checks the vLLM version and the
+names it wraps; tests/test_tools.py fails if they change.
 """
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ from core.host.patch_switches import FORCED_TOOL_JSON as ENV  # set by the host 
 
 VLLM_VERSION = "0.32.0"
 ENVELOPE_OF_NAME_AND_ARGUMENTS = frozenset({"hermes"})  # parsers whose calls vLLM's standard JSON path renders alike
-# DelegatingParser's steps that read the tool parser's supports_required_and_named: each request decides it anew.
+# DelegatingParser's steps that read the request's tool choice and the tool parser's supports_required_and_named.
 DECIDING_STEPS = ("adjust_request", "_extract_tool_calls", "_extract_tool_calls_streaming")
 log = logging.getLogger(__name__)
 
 
 def apply(parser_name: str) -> bool:
-    """Route named choices of this parser to vLLM's JSON path; False (and a warning) where that is not known to fit."""
+    """Route calls forced to one function to vLLM's JSON path; False (and a warning) where that is not known to fit."""
     import vllm
+    from vllm.entrypoints.openai.chat_completion import protocol
     from vllm.parser.abstract_parser import DelegatingParser
     from vllm.tool_parsers import ToolParserManager
 
@@ -35,14 +37,15 @@ def apply(parser_name: str) -> bool:
                     parser_name)
         return False
     steps = [getattr(DelegatingParser, name, None) for name in DECIDING_STEPS + ("_apply_structural_tag",)]
-    if vllm.__version__ != VLLM_VERSION or None in steps:
+    if vllm.__version__ != VLLM_VERSION or None in steps or not hasattr(protocol, "ChatCompletionNamedToolChoiceParam"):
         log.warning("forced tool JSON not applied: written for vLLM %s, found %s", VLLM_VERSION, vllm.__version__)
         return False
     parser_class = ToolParserManager.get_tool_parser(parser_name)
     if not getattr(DelegatingParser._apply_structural_tag, "forced_tool_json", False):
         DelegatingParser._apply_structural_tag = _unless_named(DelegatingParser._apply_structural_tag)
         for name in DECIDING_STEPS:
-            setattr(DelegatingParser, name, _deciding_the_path(getattr(DelegatingParser, name), parser_class))
+            setattr(DelegatingParser, name, _as_named_when_forced(getattr(DelegatingParser, name), parser_class,
+                                                                  protocol))
     return True
 
 
@@ -62,16 +65,27 @@ def _unless_named(apply_structural_tag):
     return wrapper
 
 
-def _deciding_the_path(step, parser_class):
-    """A DelegatingParser step that first tells this request's tool parser (one per request) which path it takes."""
+def _as_named_when_forced(step, parser_class, protocol):
+    """A DelegatingParser step that tells this request's tool parser (one per request) which path it takes, and
+    runs "required" with one function as the named choice of it; the request keeps its own choice otherwise, so
+    the finish reason stays OpenAI's ("tool_calls" for required, "stop" for named)."""
     signature = inspect.signature(step)
 
     @functools.wraps(step)
     def wrapper(self, *args, **kwargs):
-        if isinstance(self._tool_parser, parser_class):
-            request = signature.bind(self, *args, **kwargs).arguments["request"]
-            self._tool_parser.supports_required_and_named = named(request)
-        return step(self, *args, **kwargs)
+        if not isinstance(self._tool_parser, parser_class):
+            return step(self, *args, **kwargs)
+        request = signature.bind(self, *args, **kwargs).arguments["request"]
+        own, tools = request.tool_choice, getattr(request, "tools", None) or []
+        if (own == "required" and isinstance(request, protocol.ChatCompletionRequest) and len(tools) == 1
+                and isinstance(tools[0], protocol.ChatCompletionToolsParam)):
+            request.tool_choice = protocol.ChatCompletionNamedToolChoiceParam(function={"name":
+                                                                                        tools[0].function.name})
+        self._tool_parser.supports_required_and_named = named(request)
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            request.tool_choice = own
 
     return wrapper
 
