@@ -204,7 +204,7 @@ def test_the_host_stops_with_its_runners_within_5_s(real):
         assert time.monotonic() - started < 5.0, [p for p in tree if alive(p)]
         time.sleep(0.02)
     print(f"host and runner gone in {time.monotonic() - started:.2f} s")
-    assert not address.socket.exists()
+    assert not address.socket.exists() and not address.runners.exists()  # nothing left behind but the lock
 
 
 # ---------------------------------------------------------------- the private folder and the host's socket

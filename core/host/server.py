@@ -12,6 +12,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -172,7 +173,6 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         address = HostAddress.for_config(args.config, config)
-        private_dir(address.runners)
     except NotPrivate as error:
         print(f"capibara6-host: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -182,7 +182,17 @@ def main(argv: list[str] | None = None) -> None:
         except BlockingIOError:
             log.info("another model host already serves %s", address.socket)
             return
-        asyncio.run(serve(config, address))
+        # The runners' folder is made and removed under the lock, so the next host of this config never sees it
+        # vanish; the lock file itself stays (removing a lock file others may hold open lets two hosts run).
+        try:
+            private_dir(address.runners)
+        except NotPrivate as error:
+            print(f"capibara6-host: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        try:
+            asyncio.run(serve(config, address))
+        finally:
+            shutil.rmtree(address.runners, ignore_errors=True)  # only dead runners' sockets are left in it
 
 
 if __name__ == "__main__":
