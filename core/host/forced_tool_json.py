@@ -65,10 +65,21 @@ def _unless_named(apply_structural_tag):
     return wrapper
 
 
+def one_function_choice(request, protocol):
+    """The named choice a request forces: its own, or under "required" its one function's; None otherwise."""
+    if named(request):
+        return request.tool_choice
+    tools = getattr(request, "tools", None) or []
+    if (request.tool_choice == "required" and isinstance(request, protocol.ChatCompletionRequest) and len(tools) == 1
+            and isinstance(tools[0], protocol.ChatCompletionToolsParam)):
+        return protocol.ChatCompletionNamedToolChoiceParam(function={"name": tools[0].function.name})
+    return None
+
+
 def _as_named_when_forced(step, parser_class, protocol):
-    """A DelegatingParser step that tells this request's tool parser (one per request) which path it takes, and
-    runs "required" with one function as the named choice of it; the request keeps its own choice otherwise, so
-    the finish reason stays OpenAI's ("tool_calls" for required, "stop" for named)."""
+    """A DelegatingParser step that tells this request's tool parser (one per request) which path it takes, and sees
+    a call forced to one function as a named choice; the request keeps its own choice outside the step, so the
+    finish reason stays OpenAI's ("tool_calls" for required, "stop" for named)."""
     signature = inspect.signature(step)
 
     @functools.wraps(step)
@@ -76,12 +87,9 @@ def _as_named_when_forced(step, parser_class, protocol):
         if not isinstance(self._tool_parser, parser_class):
             return step(self, *args, **kwargs)
         request = signature.bind(self, *args, **kwargs).arguments["request"]
-        own, tools = request.tool_choice, getattr(request, "tools", None) or []
-        if (own == "required" and isinstance(request, protocol.ChatCompletionRequest) and len(tools) == 1
-                and isinstance(tools[0], protocol.ChatCompletionToolsParam)):
-            request.tool_choice = protocol.ChatCompletionNamedToolChoiceParam(function={"name":
-                                                                                        tools[0].function.name})
-        self._tool_parser.supports_required_and_named = named(request)
+        own, forced = request.tool_choice, one_function_choice(request, protocol)
+        self._tool_parser.supports_required_and_named = forced is not None
+        request.tool_choice = forced or own
         try:
             return step(self, *args, **kwargs)
         finally:
