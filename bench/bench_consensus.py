@@ -24,7 +24,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from core.config import EMBEDDED_CONFIG, parse_config  # noqa: E402
+from core.config import EMBEDDED_CONFIG, parse_config, relocatable  # noqa: E402
 from core.protocol import ChatMessage  # noqa: E402
 from core.router import Router  # noqa: E402
 
@@ -51,12 +51,10 @@ def build_config(engine: str, k: int, max_tokens: int, directory: Path,
     """The embedded config for the chosen engine, with a model host of its own under `directory`. It returns the
     experts the prompts will use, which are warmed up. On the fake engine, every expert is a remote expert on the
     fake upstream at `upstream`."""
-    config = json.loads(EMBEDDED_CONFIG.read_text())
+    config = relocatable(json.loads(EMBEDDED_CONFIG.read_text()), EMBEDDED_CONFIG.parent)
     config["consensus"].update(experts_per_request=k, candidate_max_tokens=max_tokens, candidate_timeout_s=600)
     for expert in config["experts"]:
-        if engine == "vllm":
-            expert["model"] = str((EMBEDDED_CONFIG.parent / expert["model"]).resolve())
-        else:
+        if engine != "vllm":
             expert["model"] = "echo"
             expert["engine"] = {"kind": "remote", "base_url": upstream, "remote_model": fake_model(expert["id"])}
     router = Router.from_config(parse_config(config, EMBEDDED_CONFIG.parent))

@@ -27,7 +27,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from core.config import EMBEDDED_CONFIG  # noqa: E402
+from core.config import EMBEDDED_CONFIG, relocatable  # noqa: E402
 from core.harness.load import EXPERT, StreamResult, chat_body, stream_chat  # noqa: E402
 
 LEVELS = (1, 8, 32, 64)
@@ -89,10 +89,9 @@ def free_port() -> int:
 
 def load_config(directory: Path, model: str) -> Path:
     """The embedded config with `model` warm and able to admit 64 streams at once (the engine batches 32)."""
-    raw = json.loads(EMBEDDED_CONFIG.read_text())
+    raw = relocatable(json.loads(EMBEDDED_CONFIG.read_text()), EMBEDDED_CONFIG.parent)
     raw["server"].update(warmup=[model], host="127.0.0.1")
     for expert in raw["experts"]:
-        expert["model"] = str((EMBEDDED_CONFIG.parent / expert["model"]).resolve())
         if expert["id"] == model:
             expert.update(max_concurrency=max(LEVELS), max_queue=max(LEVELS))
             expert["engine"]["max_num_seqs"] = 32

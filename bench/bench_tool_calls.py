@@ -1,13 +1,14 @@
-"""Forced tool calls as agents send them: how many give arguments that parse and validate, with and without
-engine.forced_tool_json (a call forced to one function, named or "required" with one tool, written as the
-arguments' JSON under the function's schema, against vLLM's structural tag that has the model spell the whole
-`<tool_call>` envelope; "required" among several tools takes the tag in both arms).
+"""Forced tool calls as agents send them: how many give arguments that parse and validate, and take their values
+from the question, in three arms: vLLM as it comes (its structural tag has the model spell the whole `<tool_call>`
+envelope, under the model's own chat template), engine.forced_tool_json (a call forced to one function, named or
+"required" with one tool, written as the arguments' JSON under the function's schema), and that with our chat
+template (engine.chat_template), which lists the tools the model's own drops.
 
-Two configs that differ only in that switch, each with its own host and standard front, the same terse prompts
-(a named choice among three tools, "required" with the one tool that fits, "required" among the three; the
-expert's own sampling and temperature 0) sent through each in
-alternating rounds. Prints, per arm, the share of answers with valid calls, the share whose first string argument
-is a word of the prompt (a call that names "Paris" when asked about Paris), and the median latency; then ratios.
+Each arm has its own host and standard front; the same terse prompts (a named choice among three tools, "required"
+with the one tool that fits, "required" among the three; the expert's own sampling and temperature 0) go through
+each in alternating rounds. Prints, per arm, the share of answers with valid calls, the share whose first string
+argument is a word of the prompt (a call that names "Paris" when asked about Paris), and the median latency; then
+the last arm against the first.
 
     .venv/bin/python -m bench.bench_tool_calls [--rounds 4] [--max-tokens 64]
 """
@@ -28,7 +29,8 @@ import jsonschema
 from bench.suite import bench_config, fronts, wait_ready
 
 EXPERT = "qwen_coder"
-ARMS = {"structural tag": {"forced_tool_json": False}, "forced tool JSON": {}}
+ARMS = {"structural tag": {"forced_tool_json": False, "chat_template": None},
+        "forced tool JSON": {"chat_template": None}, "+ tools listed": {}}
 
 
 def tool(name: str, description: str, properties: dict, required: list[str]) -> dict:
@@ -91,7 +93,7 @@ async def compare(urls: dict[str, str], rounds: int, max_tokens: int) -> None:
     for (arm, choice, sampling), rows in results.items():
         print(f"{arm:>18}{choice:>14}{sampling:>15}{sum(r[0] for r in rows) / len(rows):>8.0%}"
               f"{sum(r[1] for r in rows) / len(rows):>10.0%}{statistics.median(r[2] for r in rows):>10.2f}")
-    base, ours = urls
+    base, *_, ours = urls
     for choice in CHOICES:
         for sampling in ("default", "temperature 0"):
             a, b = results[(base, choice, sampling)], results[(ours, choice, sampling)]

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from core.config import relocatable
 from core.models.paths import FLOAT32_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,8 +45,10 @@ def bench_config(directory: Path, *, warmup: list[str], seeds: dict[str, int] | 
     raw = json.loads((REPO / "configs" / "embedded.json").read_text())
     if experts is not None:
         raw["experts"] = [e for e in raw["experts"] if e["id"] in experts]
+    relocatable(raw, REPO / "configs")
     for expert in raw["experts"]:
-        expert["model"] = str(model or (REPO / "configs" / expert["model"]).resolve())
+        if model:
+            expert["model"] = str(model)
         expert["engine"].update({"seed": (seeds or {}).get(expert["id"], 0), **(engine or {})})
     raw["server"].update({"warmup": warmup, "run_dir": str(directory / f"run-{Path(name).stem}"), **server})
     if raw["router"]["default_expert"] not in {e["id"] for e in raw["experts"]}:

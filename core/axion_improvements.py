@@ -78,21 +78,27 @@ def apply_profile(config: dict[str, Any], profile: dict[str, Any]) -> tuple[dict
 
 
 def rebase_models(config: dict[str, Any], source_dir: Path, target_dir: Path) -> dict[str, Any]:
-    """Keep ./ and ../ model paths (relative to the config file) pointing at the same folder when
+    """Keep ./ and ../ model and chat template paths (relative to the config file) pointing at the same place when
     the config is written to another directory; absolute when the two share nothing but /."""
     target = target_dir.resolve()
     if source_dir.resolve() == target:
         return config
     for expert in config.get("experts", []):
-        model = expert.get("model", "")
-        if model.startswith(("./", "../")):
-            folder = (source_dir / model).resolve()
-            if os.path.commonpath([folder, target]) == os.sep:
-                expert["model"] = str(folder)
-            else:
-                relative = os.path.relpath(folder, target)
-                expert["model"] = relative if relative.startswith("..") else f"./{relative}"
+        if expert.get("model", "").startswith(("./", "../")):
+            expert["model"] = rebased(source_dir / expert["model"], target)
+        engine = expert.get("engine") or {}
+        if (engine.get("chat_template") or "").startswith(("./", "../")):
+            engine["chat_template"] = rebased(source_dir / engine["chat_template"], target)
     return config
+
+
+def rebased(path: Path, target: Path) -> str:
+    """`path` relative to `target` (./ or ../ first), or absolute when the two share nothing but /."""
+    path = path.resolve()
+    if os.path.commonpath([path, target]) == os.sep:
+        return str(path)
+    relative = os.path.relpath(path, target)
+    return relative if relative.startswith("..") else f"./{relative}"
 
 
 def unhonoured(config: AppConfig, cpu: dict[str, bool]) -> dict[str, list[str]]:

@@ -69,6 +69,9 @@ class EngineOptions(_Strict):
     # the envelope token by token, SmolLM2 lost the thread (9 valid calls in 18 against 18 in 18 at temperature 0,
     # bench/bench_tool_calls.py).
     forced_tool_json: bool = True
+    # A Jinja chat template for the runner instead of the model's own (vLLM's --chat-template); a path starting with
+    # ./ or ../ is read against the config file. The embedded model's own drops `tools`: it never saw them.
+    chat_template: str | None = None
     # Constrained JSON (tool arguments, response_format) without free whitespace between tokens (xgrammar's
     # disable_any_whitespace): a small model otherwise spends its token budget on newlines inside the JSON and is
     # cut off before the call closes (SmolLM2 did, at 120 tokens, through every front).
@@ -236,7 +239,7 @@ def _describe(error: ValidationError) -> str:
 
 
 def parse_config(data: dict, base_dir: Path) -> AppConfig:
-    """Validate a decoded config; local model paths starting with ./ or ../ are made absolute."""
+    """Validate a decoded config; local model and chat template paths starting with ./ or ../ are made absolute."""
     try:
         config = AppConfig.model_validate(data)
     except ValidationError as error:
@@ -245,8 +248,23 @@ def parse_config(data: dict, base_dir: Path) -> AppConfig:
     for expert in config.experts:
         if expert.model.startswith(("./", "../")):
             expert = expert.model_copy(update={"model": str((base_dir / expert.model).resolve())})
+        template = expert.engine.chat_template
+        if template is not None and template.startswith(("./", "../")):
+            engine = expert.engine.model_copy(update={"chat_template": str((base_dir / template).resolve())})
+            expert = expert.model_copy(update={"engine": engine})
         experts.append(expert)
     return config.model_copy(update={"experts": tuple(experts)})
+
+
+def relocatable(data: dict, base_dir: Path) -> dict:
+    """A decoded config with its ./ and ../ paths (models, chat templates) made absolute against `base_dir`, so
+    that it may be written to another folder; the dict is changed in place and returned."""
+    for expert in data.get("experts", []):
+        engine = expert.get("engine") or {}
+        for holder, key in ((expert, "model"), (engine, "chat_template")):
+            if isinstance(holder.get(key), str) and holder[key].startswith(("./", "../")):
+                holder[key] = str((base_dir / holder[key]).resolve())
+    return data
 
 
 def load_config(path: str | Path) -> AppConfig:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from core.config import relocatable
 from core.harness.processes import alive, host_pids, process_tree  # noqa: F401 - the tests' process helpers too
 from core.models.paths import FLOAT32_MODEL
 
@@ -86,6 +87,7 @@ def make_config(tmp_path: Path, *, engine: str = "vllm", upstream: str | None = 
     (engine "vllm": the embedded default, or "float32-eager") or the fake upstream at `upstream` (engine "fake"),
     and server overrides."""
     config = copy.deepcopy(EMBEDDED)
+    relocatable(config, REPO / "configs")  # the test's config file lives elsewhere
     for expert in config["experts"]:
         if engine == "vllm":
             expert["model"] = str(MODEL_DIR)

@@ -179,6 +179,7 @@ def test_axion_rewrite_of_the_embedded_config_passes_validation(tmp_path):
     for before, after in zip(original.experts, rewritten.experts):
         engine = after.engine
         assert after.model == before.model, "relative model paths still reach the same folder"
+        assert after.engine.chat_template == before.engine.chat_template and Path(after.engine.chat_template).is_file()
         assert (engine.kv_cache_dtype, engine.max_seq_len_to_capture, engine.enforce_eager) == ("fp8", 8192, False)
         assert (engine.num_scheduler_steps, engine.enable_chunked_prefill) == (2, True)
         own = PROFILE["experts"][after.id]

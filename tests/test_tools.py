@@ -127,6 +127,23 @@ def test_a_call_forced_to_one_function_on_a_terse_question_is_valid(fronts, port
             assert finish in finishes, (question, choice, finish)
 
 
+def prompt_tokens(server, messages: list[dict], **args) -> int:
+    body = {"model": "qwen_coder", "messages": messages, "max_tokens": 1, "temperature": 0} | args
+    return client(server).chat.completions.create(**body).usage.prompt_tokens
+
+
+def test_the_model_sees_the_tools_and_its_own_calls(vllm_server):
+    """SmolLM2's chat template drops `tools` and the assistant's calls; configs/templates/smollm2_tools.jinja lists
+    the tools in the system turn and writes each past call in the hermes envelope."""
+    plain = prompt_tokens(vllm_server, ASK)
+    assert prompt_tokens(vllm_server, ASK, tools=TOOLS) > plain + 10
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}}
+    result = {"role": "tool", "tool_call_id": "call_1", "content": "9:00"}
+    history = [*ASK, {"role": "assistant", "content": ""}, result]
+    called = [*ASK, {"role": "assistant", "content": "", "tool_calls": [call]}, result]
+    assert prompt_tokens(vllm_server, called) > prompt_tokens(vllm_server, history) + 5
+
+
 def test_a_schema_with_defs_nested_objects_arrays_and_bounds_is_honoured(vllm_server):
     body = dict(messages=[{"role": "user", "content": "Book two business seats from Madrid to Lima for Ana and "
                                                       "Luis."}], tools=[WEATHER, FLIGHT], max_tokens=200,

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 RUNNER_FIELDS = ("dtype", "quantization", "kv_cache_dtype", "kv_cache_memory_bytes", "max_model_len",
                  "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "max_seq_len_to_capture",
                  "enable_chunked_prefill", "enable_prefix_caching", "neon_kernels", "seed", "tool_call_parser",
-                 "tool_strict_level", "forced_tool_json", "compact_json", "fast_sampler", "cpu_cores",
+                 "tool_strict_level", "forced_tool_json", "chat_template", "compact_json", "fast_sampler", "cpu_cores",
                  "worker_process", "fork_engine_core", "eager_first")
 REMOTE_FIELDS = ("base_url", "remote_model", "api_key_env", "connect_timeout_s", "read_timeout_s")
 
@@ -197,6 +197,8 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | N
                   "--tool-strict-level", options.tool_strict_level]
         if options.forced_tool_json:
             env[patch_switches.FORCED_TOOL_JSON] = options.tool_call_parser
+    if options.chat_template:
+        flags += ["--chat-template", options.chat_template]
     if options.compact_json:
         flags += ["--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})]
         env[patch_switches.COMPACT_JSON] = "1"
@@ -225,6 +227,7 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | N
                  "max_seq_len_to_capture": capture, "seed": options.seed, "neon_kernels": options.neon_kernels,
                  "tool_call_parser": options.tool_call_parser, "tool_strict_level": options.tool_strict_level,
                  "forced_tool_json": options.forced_tool_json,
+                 "chat_template": options.chat_template and Path(options.chat_template).name,
                  "compact_json": options.compact_json, "fast_sampler": options.fast_sampler,
                  "scheduling_policy": "priority",
                  "worker_process": options.worker_process,
