@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from core.front.consensus import Candidate, tool_vote
-from tests.conftest import make_config, write_config
+from tests.conftest import FLOAT32_DIR, make_config, write_config
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
@@ -265,3 +265,21 @@ def test_the_forced_tool_json_patch_still_applies_to_this_vllm_and_only_to_parse
     from vllm.parser.abstract_parser import DelegatingParser
 
     assert DelegatingParser._apply_structural_tag.forced_tool_json
+
+
+def test_a_call_whose_closing_tag_max_tokens_cut_is_still_read():
+    """The hermes envelope's `</tool_call>` is spelled token by token and is the last thing max_tokens cuts; a whole
+    call before it counts (streamed, the client already had it). Text that merely ends in "<" is left alone."""
+    from transformers import AutoTokenizer
+    from vllm.tool_parsers import ToolParserManager
+
+    from core.host.forced_tool_json import apply
+
+    assert apply("hermes")
+    parser = ToolParserManager.get_tool_parser("hermes")(AutoTokenizer.from_pretrained(FLOAT32_DIR))
+    call = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n'
+    for cut in ("</too", "</", "<"):
+        found = parser.extract_tool_calls(call + cut, request=None)
+        assert found.tools_called and json.loads(found.tool_calls[0].function.arguments) == {"zone": "CET"}, cut
+    assert not parser.extract_tool_calls(call[:-4], request=None).tools_called  # the JSON itself cut: no call
+    assert parser.extract_tool_calls("1 < 2, and 2 <", request=None).content == "1 < 2, and 2 <"

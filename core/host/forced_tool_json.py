@@ -6,8 +6,10 @@ spelled it letter by letter ("t", "oo", "l", "_", "c", "al", "l") and lost the t
 at temperature 0 it wrote the city as "cet_cet_cet..." until max_tokens. vLLM's standard path asks for the arguments
 alone under the function's schema (`{"city":"Paris"}`); this takes it for a named choice, and for "required" with
 one function (the same call), on parsers whose envelope holds only the name. "required" among several tools and
-"auto" keep the structural tag (bench/bench_tool_calls.py measures both paths). It checks the vLLM version and the
-names it wraps; tests/test_tools.py fails if they change.
+"auto" keep the structural tag (bench/bench_tool_calls.py measures both paths); there the closing `</tool_call>`, also
+spelled token by token, is the last thing max_tokens cuts, and a call whose JSON is whole is read all the same
+(streamed, the client already had it). It checks the vLLM version and the names it wraps; tests/test_tools.py fails
+if they change.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ def apply(parser_name: str) -> bool:
         log.warning("forced tool JSON not applied: written for vLLM %s, found %s", VLLM_VERSION, vllm.__version__)
         return False
     parser_class = ToolParserManager.get_tool_parser(parser_name)
+    if not getattr(parser_class.extract_tool_calls, "forced_tool_json", False):
+        parser_class.extract_tool_calls = _reading_a_cut_closing_tag(parser_class.extract_tool_calls)
     if not getattr(DelegatingParser._apply_structural_tag, "forced_tool_json", False):
         DelegatingParser._apply_structural_tag = _unless_named(DelegatingParser._apply_structural_tag)
         for name in DECIDING_STEPS:
@@ -95,6 +99,28 @@ def _as_named_when_forced(step, parser_class, protocol):
         finally:
             request.tool_choice = own
 
+    return wrapper
+
+
+def without_a_cut_closing_tag(text: str, start: str, end: str) -> str:
+    """`text` without the start of `end` that max_tokens left after the last call's JSON, if that is where it ends."""
+    last = text.rfind(start)
+    if last < 0 or end in text[last:]:
+        return text
+    tail = text.rstrip()
+    cut = next((n for n in range(len(end) - 1, 0, -1) if tail.endswith(end[:n])), 0)
+    return tail[:len(tail) - cut]
+
+
+def _reading_a_cut_closing_tag(extract_tool_calls):
+    """The parser's extract_tool_calls, given the output without a closing tag that max_tokens cut."""
+
+    @functools.wraps(extract_tool_calls)
+    def wrapper(self, model_output, request):
+        text = without_a_cut_closing_tag(model_output, self.tool_call_start_token, self.tool_call_end_token)
+        return extract_tool_calls(self, text, request)
+
+    wrapper.forced_tool_json = True
     return wrapper
 
 
