@@ -246,14 +246,16 @@ def parse_config(data: dict, base_dir: Path) -> AppConfig:
         raise ConfigError(_describe(error)) from None
     experts = []
     for expert in config.experts:
-        if expert.model.startswith(("./", "../")):
-            expert = expert.model_copy(update={"model": str((base_dir / expert.model).resolve())})
-        template = expert.engine.chat_template
-        if template is not None and template.startswith(("./", "../")):
-            engine = expert.engine.model_copy(update={"chat_template": str((base_dir / template).resolve())})
-            expert = expert.model_copy(update={"engine": engine})
-        experts.append(expert)
+        engine = expert.engine
+        if engine.chat_template is not None:
+            engine = engine.model_copy(update={"chat_template": against(base_dir, engine.chat_template)})
+        experts.append(expert.model_copy(update={"model": against(base_dir, expert.model), "engine": engine}))
     return config.model_copy(update={"experts": tuple(experts)})
+
+
+def against(base_dir: Path, path: str) -> str:
+    """`path` made absolute against `base_dir` when it starts with ./ or ../ (written relative to the config file)."""
+    return str((base_dir / path).resolve()) if path.startswith(("./", "../")) else path
 
 
 def relocatable(data: dict, base_dir: Path) -> dict:
@@ -262,8 +264,8 @@ def relocatable(data: dict, base_dir: Path) -> dict:
     for expert in data.get("experts", []):
         engine = expert.get("engine") or {}
         for holder, key in ((expert, "model"), (engine, "chat_template")):
-            if isinstance(holder.get(key), str) and holder[key].startswith(("./", "../")):
-                holder[key] = str((base_dir / holder[key]).resolve())
+            if isinstance(holder.get(key), str):
+                holder[key] = against(base_dir, holder[key])
     return data
 
 
