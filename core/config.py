@@ -32,6 +32,10 @@ class SamplingDefaults(_Strict):
     top_k: int = Field(-1, ge=-1)
     max_tokens: int = Field(256, ge=1)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    # For a request that forces a tool call (tool_choice "required" or named): a small model's string argument can
+    # loop ("sunny in Tokyo, but it's actually sunny in Tokyo, ...") until max_tokens cuts the JSON; penalising
+    # repeats of its own tokens breaks the loop. Prompt tokens are not penalised: copying the city costs nothing.
+    tool_call_frequency_penalty: float = Field(0.5, ge=-2.0, le=2.0)
 
 
 class EngineOptions(_Strict):

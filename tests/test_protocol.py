@@ -386,7 +386,7 @@ def upstream_body(fake_upstream, marker: str) -> dict:
     return found[0]
 
 
-def sampling_defaults(expert_id: str) -> dict:
+def sampling_defaults(expert_id: str, forced_tool_call: bool = False) -> dict:
     """What the front fills in for an expert when the client leaves sampling out (configs/embedded.json)."""
     sampling = EXPERTS[expert_id]["sampling"]
     defaults = {"max_tokens": sampling["max_tokens"], "temperature": sampling["temperature"],
@@ -395,6 +395,8 @@ def sampling_defaults(expert_id: str) -> dict:
         defaults["top_k"] = sampling["top_k"]
     if sampling.get("repetition_penalty", 1.0) != 1.0:
         defaults["repetition_penalty"] = sampling["repetition_penalty"]
+    if forced_tool_call:
+        defaults["frequency_penalty"] = sampling.get("tool_call_frequency_penalty", 0.5)
     return defaults
 
 
@@ -444,7 +446,7 @@ def test_pass_through_fields_reach_the_upstream_unchanged(fake_server, fake_upst
         "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         "priority": 0,  # the standard front's
-        **sampling_defaults("qwen_coder"),
+        **sampling_defaults("qwen_coder", forced_tool_call=True),  # PASS_THROUGH names a function
     }
 
 
@@ -464,6 +466,22 @@ def test_client_choices_win_over_expert_defaults(fake_server, fake_upstream):
             sent["repetition_penalty"]) == (0, 0.5, 7, 3, 1.1)
     assert "max_tokens" not in sent
     assert sent["priority"] == 4 and sent["model"] == "echo" and sent["stream"] is False
+
+
+@pytest.mark.parametrize("choice, penalty", [("required", 0.5), ("auto", None), ("none", None),
+                                             ({"type": "function", "function": {"name": "get_weather"}}, 0.5)])
+def test_a_forced_tool_call_gets_the_tool_call_frequency_penalty_unless_the_client_set_one(fake_server,
+                                                                                            fake_upstream,
+                                                                                            choice, penalty):
+    sent = []
+    for own in ({}, {"frequency_penalty": 0.0}):
+        marker = uuid.uuid4().hex
+        response = requests.post(fake_server.url + CHAT, timeout=10, json={
+            "model": "qwen_coder", "messages": [{"role": "user", "content": f"weather {marker}"}], "tools": [TOOL],
+            "tool_choice": choice, **own})
+        assert response.status_code == 200, response.text
+        sent.append(upstream_body(fake_upstream, marker).get("frequency_penalty"))
+    assert sent == [penalty, 0.0]
 
 
 def test_completion_body_reaches_the_upstream(fake_server, fake_upstream):

@@ -51,7 +51,15 @@ def with_defaults(body: dict[str, Any], expert: ExpertConfig) -> dict[str, Any]:
         body.setdefault("top_k", defaults.top_k)
     if defaults.repetition_penalty != 1.0:
         body.setdefault("repetition_penalty", defaults.repetition_penalty)
+    if forces_a_tool_call(body) and defaults.tool_call_frequency_penalty:
+        body.setdefault("frequency_penalty", defaults.tool_call_frequency_penalty)
     return body
+
+
+def forces_a_tool_call(body: dict[str, Any]) -> bool:
+    """tool_choice "required" or naming a function, with tools given: the answer must be a call."""
+    choice = body.get("tool_choice")
+    return bool(body.get("tools")) and (choice == "required" or isinstance(choice, dict))
 
 
 @dataclass(frozen=True)
