@@ -1,8 +1,9 @@
 """Forced tool calls as agents send them: how many give arguments that parse and validate, and take their values
-from the question, in three arms: vLLM as it comes (its structural tag has the model spell the whole `<tool_call>`
+from the question, in four arms: vLLM as it comes (its structural tag has the model spell the whole `<tool_call>`
 envelope, under the model's own chat template), engine.forced_tool_json (a call forced to one function, named or
 "required" with one tool, written as the arguments' JSON under the function's schema), and that with our chat
-template (engine.chat_template), which lists the tools the model's own drops.
+template (engine.chat_template), which lists the tools the model's own drops; and that with the expert's
+tool_call_frequency_penalty (the default), which breaks loops inside a string argument.
 
 Each arm has its own host and standard front; the same terse prompts (a named choice among three tools, "required"
 with the one tool that fits, "required" among the three; the expert's own sampling and temperature 0) go through
@@ -29,8 +30,10 @@ import jsonschema
 from bench.suite import bench_config, fronts, wait_ready
 
 EXPERT = "qwen_coder"
-ARMS = {"structural tag": {"forced_tool_json": False, "chat_template": None},
-        "forced tool JSON": {"chat_template": None}, "+ tools listed": {}}
+NO_PENALTY = {"tool_call_frequency_penalty": 0.0}
+ARMS = {"structural tag": ({"forced_tool_json": False, "chat_template": None}, NO_PENALTY),  # (engine, sampling)
+        "forced tool JSON": ({"chat_template": None}, NO_PENALTY), "+ tools listed": ({}, NO_PENALTY),
+        "+ freq. penalty": ({}, {})}
 
 
 def tool(name: str, description: str, properties: dict, required: list[str]) -> dict:
@@ -111,9 +114,9 @@ async def main() -> None:
         directory = Path(tmp)
         urls = {}
         with ExitStack() as stack:
-            for arm, engine in ARMS.items():  # one at a time, so neither start slows the other
+            for arm, (engine, sampling) in ARMS.items():  # one at a time, so neither start slows the other
                 config = bench_config(directory, warmup=[EXPERT], experts=[EXPERT], engine=engine,
-                                      name=f"{len(urls)}.json")
+                                      sampling=sampling, name=f"{len(urls)}.json")
                 logs = config.with_suffix("")
                 logs.mkdir()
                 (front,) = stack.enter_context(fronts(config, ("standard",), log_dir=logs))

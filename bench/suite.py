@@ -39,9 +39,9 @@ def free_port() -> int:
 
 def bench_config(directory: Path, *, warmup: list[str], seeds: dict[str, int] | None = None,
                  experts: list[str] | None = None, engine: dict[str, Any] | None = None, model: Path | None = None,
-                 name: str = "bench.json", **server: Any) -> Path:
+                 sampling: dict[str, Any] | None = None, name: str = "bench.json", **server: Any) -> Path:
     """The embedded config with absolute model paths and its own run dir; `seeds` gives experts runners of their
-    own; `experts` keeps only those; `engine` and `model` override every expert's."""
+    own; `experts` keeps only those; `engine`, `sampling` and `model` override every expert's."""
     raw = json.loads((REPO / "configs" / "embedded.json").read_text())
     if experts is not None:
         raw["experts"] = [e for e in raw["experts"] if e["id"] in experts]
@@ -50,6 +50,7 @@ def bench_config(directory: Path, *, warmup: list[str], seeds: dict[str, int] | 
         if model:
             expert["model"] = str(model)
         expert["engine"].update({"seed": (seeds or {}).get(expert["id"], 0), **(engine or {})})
+        expert["sampling"].update(sampling or {})
     raw["server"].update({"warmup": warmup, "run_dir": str(directory / f"run-{Path(name).stem}"), **server})
     if raw["router"]["default_expert"] not in {e["id"] for e in raw["experts"]}:
         raw["router"]["default_expert"] = raw["experts"][0]["id"]
