@@ -267,9 +267,11 @@ def fake_config(tmp_path_factory, fake_upstream) -> Path:
 @pytest.fixture(scope="session")
 def fake_server(fake_config, tmp_path_factory):
     """A standard server whose experts are all the fake upstream, for protocol edge cases."""
-    server = Server("standard", fake_config, tmp_path_factory.mktemp("fake-log") / "s.log").wait_healthy()
-    yield server
-    server.stop()
+    server = Server("standard", fake_config, tmp_path_factory.mktemp("fake-log") / "s.log")
+    try:
+        yield server.wait_healthy()
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------- the real engine, shared
@@ -282,10 +284,13 @@ def vllm_config(tmp_path_factory) -> Path:
 
 
 def _vllm_front(tmp_path_factory, vllm_config: Path, kind: str):
-    server = Server(kind, vllm_config, tmp_path_factory.mktemp(f"vllm-{kind}") / f"{kind}.log").wait_healthy()
-    server.wait_state("phi4_fast", "ready", timeout=300)
-    yield server
-    server.stop()
+    """A front on the session's runner, stopped even when it never got ready (a failed setup has no teardown)."""
+    server = Server(kind, vllm_config, tmp_path_factory.mktemp(f"vllm-{kind}") / f"{kind}.log")
+    try:
+        server.wait_healthy().wait_state("phi4_fast", "ready", timeout=300)
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
