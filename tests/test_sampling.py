@@ -18,6 +18,9 @@ from core.host.top_k_top_p import apply_top_k_top_p, nuclei
 
 VLLM_FORWARD = TopKTopPSampler.forward_cpu  # before any patch in this process
 ALPHA = 1e-3  # a p-value below this rejects "same distribution"; draws are seeded, so a result never flakes
+# Draws per distribution, in the tests and in their control (which shows that this many tell p=0.8 from p=0.9);
+# which tokens are kept is tested exactly above, so these test only how the kept ones are drawn.
+DRAWS = 2_048
 
 
 def language_like(rows: int, vocab: int, temperature: float, seed: int, spread: float = 3.3) -> torch.Tensor:
@@ -90,12 +93,12 @@ def binned(tokens: np.ndarray, support: np.ndarray, frequent: np.ndarray) -> np.
                                                    (49152, 0.8, None, 0.95), (49152, 1.0, 40, None),
                                                    (49152, 0.7, 20, 0.8), (262144, 0.8, None, 0.9)])
 def test_draws_follow_vllms_distribution(vocab, temperature, k, p):
-    """10,240 draws of ours fit the exact distribution of vLLM's mask; where vLLM's own sort-based path is cheap
-    enough to draw from many times (vocabularies below 100k), they also match its draws."""
+    """Our draws fit the exact distribution of vLLM's mask; where vLLM's own sort-based path is cheap enough to
+    draw from many times (vocabularies below 100k), they also match its draws."""
     row = language_like(1, vocab, temperature, seed=7, spread=1.2)
     rows = 256 if vocab < 100_000 else 32
     logits = row.expand(rows, vocab).contiguous()
-    ours = draws(fast_sampler._nucleus_forward(VLLM_FORWARD, ()), logits, k, p, times=10_240 // rows)
+    ours = draws(fast_sampler._nucleus_forward(VLLM_FORWARD, ()), logits, k, p, times=DRAWS // rows)
     masked = apply_top_k_top_p_pytorch(row.clone(), None if k is None else torch.tensor([k]),
                                        None if p is None else torch.tensor([p]), allow_cpu_sync=True)
     expected = masked.softmax(dim=-1)[0].numpy().astype(np.float64)
@@ -108,7 +111,7 @@ def test_draws_follow_vllms_distribution(vocab, temperature, k, p):
     keep = fit_expected > 0
     assert chisquare(fit_observed[keep], fit_expected[keep] * len(ours) / fit_expected[keep].sum()).pvalue > ALPHA
     if vocab < 100_000:
-        theirs = draws(VLLM_FORWARD, logits[:64], k, p, times=4_096 // 64)
+        theirs = draws(VLLM_FORWARD, logits[:64], k, p, times=DRAWS // 64)
         table = np.array([fit_observed, binned(theirs, support, frequent)])
         assert chi2_contingency(table[:, table.sum(axis=0) > 0]).pvalue > ALPHA
 
@@ -117,8 +120,8 @@ def test_the_chi_square_check_rejects_a_wrong_nucleus():
     """The control: draws with p=0.8 against vLLM's at p=0.9 are told apart, so the test above can fail."""
     row = language_like(1, 49152, 0.8, seed=7, spread=1.2)
     logits = row.expand(64, 49152).contiguous()
-    wrong = draws(fast_sampler._nucleus_forward(VLLM_FORWARD, ()), logits, None, 0.8, times=64)
-    right = draws(VLLM_FORWARD, logits, None, 0.9, times=64)
+    wrong = draws(fast_sampler._nucleus_forward(VLLM_FORWARD, ()), logits, None, 0.8, times=DRAWS // 64)
+    right = draws(VLLM_FORWARD, logits, None, 0.9, times=DRAWS // 64)
     support = np.union1d(np.unique(wrong), np.unique(right))
     assert chi2_contingency(np.array([counts(wrong, support), counts(right, support)])).pvalue < ALPHA
 
