@@ -50,8 +50,9 @@ run: install runtime-libs models neon-ext
 stop:
 	start_scripts/stop_all.sh
 
+# Two lanes (tests/conftest.py): every test on a real runner in one, the rest beside it.
 test: install runtime-libs models neon-ext neon-cross-tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 # Latency of every expert on a running standard server (start it with `make run`); report in results/.
 bench: install

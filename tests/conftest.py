@@ -278,7 +278,41 @@ def fake_server(fake_config, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def vllm_config(tmp_path_factory) -> Path:
+def real_engine(tmp_path_factory) -> Path:
+    """The prepared embedded model, which every test on a real vLLM runner asks for (through its fixtures): such
+    tests share one xdist lane (`pytest_collection_modifyitems`)."""
+    assert MODEL_DIR.is_dir() and FLOAT32_DIR.is_dir(), "the real-engine tests need the models: run `make models`"
+    lane = os.environ.get("PYTEST_XDIST_WORKER")
+    if lane:  # the first lane to get here claims the engine; any other means the grouping broke
+        claim = tmp_path_factory.getbasetemp().parent / "engine-lane"
+        try:
+            with open(claim, "x") as file:
+                file.write(lane)
+        except FileExistsError:
+            assert claim.read_text() == lane, f"real-engine tests ran in {claim.read_text()} and {lane}: " \
+                "xdist's --dist loadgroup did not group them (see the pytest pin in setup.cfg)"
+    return MODEL_DIR
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In one of `make test`'s two lanes, the tests' own tensor work takes one thread: two lanes on 2 cores, and
+    a runner's OpenMP threads spin-wait when another lane's threads hold their core. Runners set their own."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With `make test`'s two xdist workers, tests on real runners run one after another in one lane: two runners
+    starting at once would starve each other on 2 cores, and the session's runner is started once. The other
+    lane takes the rest, which mostly waits on sockets and single processes."""
+    for item in items:
+        if "real_engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("engine"))
+
+
+@pytest.fixture(scope="session")
+def vllm_config(tmp_path_factory, real_engine) -> Path:
     """The session's real-engine config: the five experts share one runner, warm from the start."""
     return make_config(tmp_path_factory.mktemp("vllm"), warmup=["phi4_fast"], host_linger_s=5)[0]
 

@@ -83,7 +83,7 @@ def first_token_s(server: Server) -> tuple[float, str]:
 
 
 @pytest.fixture(scope="module")
-def eager_first(tmp_path_factory):
+def eager_first(tmp_path_factory, real_engine):
     """The embedded config as shipped (compiled, eager first, a standby kept), warm, behind a streaming front."""
     tmp = tmp_path_factory.mktemp("cold")
     path, _ = make_config(tmp, warmup=[EXPERT], eager_first=True, host_linger_s=2)

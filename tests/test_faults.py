@@ -357,7 +357,7 @@ def runner_requests(server: Server, expert: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def vllm_faults(tmp_path_factory, fake_upstream) -> Iterator[tuple[Server, Path]]:
+def vllm_faults(tmp_path_factory, fake_upstream, real_engine) -> Iterator[tuple[Server, Path]]:
     """phi4_fast on vLLM from a model directory that does not exist (yet), qwen_coder on vLLM (warm, a short
     request timeout), the other experts on the fake upstream. Returns the server and phi4_fast's missing
     directory. Float32 and eager: these are tests of runner processes, and an eager start skips compilation."""
@@ -461,7 +461,7 @@ def test_real_runner_that_dies_is_a_retryable_503_and_is_restarted(vllm_faults):
 
 
 def test_real_engine_sigterm_finishes_the_open_stream_then_the_host_stops_the_runner(tmp_path, start_server,
-                                                                                      fake_upstream):
+                                                                                      fake_upstream, real_engine):
     """The drain lets the runner finish the stream and the front exits 0; once no front is attached, the host
     stops the runner (its whole process group) and exits."""
     path, config = make_config(tmp_path, engine="float32-eager", warmup=["qwen_coder"], shutdown_grace_s=60)

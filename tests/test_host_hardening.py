@@ -111,7 +111,7 @@ def xdg(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
+def real(tmp_path_factory, real_engine):
     """A standard front whose phi4_fast runner is up; the front's environment holds secrets the runner must not
     see."""
     tmp = tmp_path_factory.mktemp("hardening")

@@ -58,7 +58,7 @@ def states(server: Server) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def lifecycle(tmp_path_factory):
+def lifecycle(tmp_path_factory, real_engine):
     """Three runners (A: phi4_fast and the experts that share its settings, B: qwen_coder with another seed,
     C: mistral_balanced with our kernels),
     at most two loaded, A warm; a standard and a streaming front on the same host. The idle timeout is a few times

@@ -18,7 +18,7 @@ WEATHER = {"type": "function", "function": {
 
 
 @pytest.fixture(scope="module", params=["standard", "streaming", "consensus"])
-def client(request):
+def client(request, real_engine):  # named, as the server fixture is only looked up by name below
     server = request.getfixturevalue({"standard": "vllm_server", "streaming": "vllm_streaming_server",
                                       "consensus": "vllm_consensus_server"}[request.param])
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)

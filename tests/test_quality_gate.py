@@ -120,7 +120,7 @@ def test_the_host_serves_what_the_verdict_says(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def failed_gate(tmp_path_factory):
+def failed_gate(tmp_path_factory, real_engine):
     """`make models` with a threshold no model can meet, on copies of the prepared folders."""
     models = tmp_path_factory.mktemp("models")
     (models / FLOAT32_DIR.name).symlink_to(FLOAT32_DIR)
