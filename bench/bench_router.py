@@ -98,7 +98,8 @@ def _generalisation(router: Router, config_path: str, train: Sequence[dataset.Ex
     def route(on: Router) -> Callable[[Sequence[ChatMessage]], tuple[str, str]]:
         def decide(messages: Sequence[ChatMessage]) -> tuple[str, str]:
             decision = on.route(messages)
-            return domain_of[decision.expert], decision.reason
+            why = decision.reason if decision.stage == policy.RULES else f"{decision.stage} {decision.confidence:.2f}"
+            return domain_of[decision.expert], why
         return decide
 
     for name, cases in sets.items():
@@ -115,10 +116,13 @@ def _generalisation(router: Router, config_path: str, train: Sequence[dataset.Ex
     print(f"  grouped CV: top-1 {right}/{total} = {right / total:.1%} "
           f"(folds {', '.join(f'{f.top1 / f.total:.1%}' for f in folded)})")
     for name, score in found.items():
-        print(f"  {name} misses (best -> routed to, * when acceptable, reason, last turn):")
+        outside = sum(domain not in case.acceptable for case, domain, _ in score.misses)
+        print(f"  {name} misses, {outside} outside acceptable (best -> routed to, * when acceptable, the stage that "
+              f"decided and its confidence or the rule, turns, last turn):")
         for case, domain, reason in score.misses:
             ok = "*" if domain in case.acceptable else " "
-            print(f"    {case.best:>12} -> {domain:<12}{ok} {reason[:24]:<24} {case.messages[-1].text[:70]!r}")
+            print(f"    {case.best:>12} -> {domain:<12}{ok} {reason[:24]:<24} {len(case.messages):>2} "
+                  f"{case.messages[-1].text[:70]!r}")
 
 
 def _accuracy(router: Router, by_domain: dict[str, str], examples: Sequence[dataset.Example]) -> None:
