@@ -15,7 +15,7 @@ from core.config import load_config
 from core.host.runner import cpu_path, plan_runner
 from core.models.measure import REFERENCE_TOP_K, TOP_K, Scored
 from core.models.quality_gate import Thresholds, judge, kl_lumped
-from core.models.verdict import Verdict, read_verdict
+from core.models.verdict import Verdict, read_verdict, serving_verdict
 from tests.conftest import EMBEDDED, FLOAT32_DIR, MODEL_DIR, REPO, make_config, write_config
 
 ZEN4 = {"x86": True, "arm": False, "arm_bf16": False, "avx512": True, "avx512_bf16": True, "amx": False,
@@ -117,6 +117,29 @@ def test_the_host_serves_what_the_verdict_says(tmp_path):
     other.write(int8)
     assert read_verdict(int8, "cpu") == failed and read_verdict(int8, "another cpu") == other
     assert read_verdict(int8, "a third cpu") is None and read_verdict(tmp_path / "elsewhere", "cpu") is None
+    assert serving_verdict(int8, "a third cpu") is None, "a verdict that names no reference: served as configured"
+
+
+def test_a_cpu_path_no_gate_judged_serves_the_float32_reference(tmp_path):
+    """The models folder moved to another CPU, or a cap set after `make models`: int8 may round differently there,
+    or not start at all (vLLM's AMX kernels under an AVX2 cap), so the reference is served until a gate runs."""
+    expert = load_config(REPO / "configs" / "embedded.json").expert("phi4_fast")
+    int8 = tmp_path / MODEL_DIR.name
+    shutil.copytree(MODEL_DIR, int8, ignore=shutil.ignore_patterns("quality.json"))
+    here = expert.model_copy(update={"model": str(int8)})
+    passed = Verdict(True, int8.name, "auto", "int8 passed the quality gate on this CPU", "gated cpu",
+                     reference=FLOAT32_DIR.name)
+    passed.write(int8)
+    assert serving_verdict(int8, "gated cpu") == passed
+    assert plan_runner(here, ZEN4, serving_verdict(int8, "gated cpu")).effective["precision"]["weights"] == "int8"
+    unjudged = serving_verdict(int8, "another cpu")
+    assert unjudged is not None and not unjudged.judged and "another cpu" in unjudged.why
+    plan = plan_runner(here, ZEN4, unjudged)
+    assert plan.model == str(tmp_path / FLOAT32_DIR.name) and plan.effective["dtype"] == "float32"
+    assert plan.effective["precision"] == {"weights": "float32", "activations": "float32", "why": unjudged.why}
+    assert any("`make models` gates int8 on this path" in w for w in plan.warnings), plan.warnings
+    assert read_verdict(int8, "another cpu") is None  # what `make models` reads: the path is still to be gated
+    assert serving_verdict(tmp_path / "elsewhere", "another cpu") is None
 
 
 @pytest.fixture(scope="module")

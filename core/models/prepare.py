@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 from core.models.paths import FLOAT32_MODEL, INT8_MODEL, MARKER
@@ -124,6 +125,9 @@ def decide(float32: Path, int8: Path, force: bool, force_int8: bool) -> Verdict:
     here = cpu_path()
     kept = read_verdict(int8, here)
     if kept is not None and not force and kept.forced == force_int8:
+        if not kept.reference:  # written before verdicts named it: other CPU paths serve the reference
+            kept = replace(kept, reference=float32.name)
+            kept.write(int8)
         print(f"quality verdict kept from {int8 / VERDICT_FILE}: {kept.why}")
         return kept
     started = time.monotonic()
@@ -146,20 +150,22 @@ def _judge(float32: Path, int8: Path, here: str, force_int8: bool) -> Verdict:
         result, figures = None, {"failures": [first]}
         why = f"int8 failed the quality gate on this CPU (its engine did not run: {first})"
     if result is not None and result.passed:
-        return Verdict(True, int8.name, "auto", "int8 passed the quality gate on this CPU", here, figures)
+        return Verdict(True, int8.name, "auto", "int8 passed the quality gate on this CPU", here, figures,
+                       reference=float32.name)
     why = why or "int8 failed the quality gate on this CPU (" + "; ".join(result.failures) + ")"
     if force_int8:
-        return Verdict(False, int8.name, "auto", f"forced by FORCE_INT8 although {why}", here, figures, forced=True)
+        return Verdict(False, int8.name, "auto", f"forced by FORCE_INT8 although {why}", here, figures, forced=True,
+                       reference=float32.name)
     fallback = {"int8": figures}
     if cpu_flags()["bf16"]:
         try:
             bf16 = gate(float32, "bfloat16")
             fallback["bfloat16"] = figures_of(bf16)
             if bf16.passed:
-                return Verdict(False, float32.name, "bfloat16", why, here, fallback)
+                return Verdict(False, float32.name, "bfloat16", why, here, fallback, reference=float32.name)
         except CandidateFailed as error:
             fallback["bfloat16"] = {"failures": [str(error).splitlines()[0]]}
-    return Verdict(False, float32.name, "float32", why, here, fallback)
+    return Verdict(False, float32.name, "float32", why, here, fallback, reference=float32.name)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The quality gate's decisions, kept beside the int8 checkpoint (`quality.json`), one per CPU path: what that path
 serves instead of it, if anything, and why. Written by `make models`; read by the host at every runner start, so
-a start never measures anything. A path no gate has judged has no verdict: its runner serves the config as is."""
+a start never measures anything. A path no gate has judged, on a checkpoint gated on other paths (the folder moved
+to another CPU, or a cap set after `make models`), serves the float32 reference until `make models` judges it."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,8 @@ class Verdict:
     cpu: str
     figures: dict[str, Any] = field(default_factory=dict)
     forced: bool = False
+    reference: str = ""  # the float32 folder beside the checkpoint that the gate measured it against
+    judged: bool = True  # False: no gate ran on this path, which serves the reference until one does
 
     def write(self, checkpoint: Path) -> None:
         """Record this verdict for its CPU path, keeping the other paths' verdicts."""
@@ -41,6 +44,21 @@ def read_verdict(checkpoint: str | Path, cpu: str) -> Verdict | None:
         return Verdict(**_read(Path(checkpoint))[cpu])
     except (KeyError, TypeError):
         return None
+
+
+def serving_verdict(checkpoint: str | Path, cpu: str) -> Verdict | None:
+    """What a runner on `cpu` serves for `checkpoint`: its path's verdict; else, when the gate judged the checkpoint
+    on other paths only, its float32 reference, since int8 rounds differently from one CPU path to the next (and
+    may not start at all); else None (not a gated checkpoint: served as configured)."""
+    kept = read_verdict(checkpoint, cpu)
+    if kept is not None:
+        return kept
+    reference = next((p["reference"] for p in _read(Path(checkpoint)).values()
+                      if isinstance(p, dict) and p.get("reference")), None)
+    if reference is None:
+        return None
+    return Verdict(False, reference, "float32", f"no quality gate has judged int8 on this CPU path ({cpu})", cpu,
+                   reference=reference, judged=False)
 
 
 def _read(checkpoint: Path) -> dict[str, Any]:
