@@ -132,17 +132,23 @@ class Server:
             cwd=REPO, stdout=self._log_handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     def wait_healthy(self, timeout: float = 120.0) -> "Server":
+        """This server once it answers /health; one that never does is stopped before the error, since a fixture
+        that raises before its `yield` gets no teardown."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"{self.kind} server exited {self.process.returncode}:\n{self.tail()}")
+                failure = f"{self.kind} server exited {self.process.returncode}:\n{self.tail()}"
+                break
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
             time.sleep(0.1)
-        raise AssertionError(f"{self.kind} server not healthy after {timeout} s:\n{self.tail()}")
+        else:
+            failure = f"{self.kind} server not healthy after {timeout} s:\n{self.tail()}"
+        self.stop()
+        raise AssertionError(failure)
 
     def wait_state(self, expert: str, state: str, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout

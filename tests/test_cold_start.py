@@ -88,9 +88,11 @@ def eager_first(tmp_path_factory, real_engine):
     tmp = tmp_path_factory.mktemp("cold")
     path, _ = make_config(tmp, warmup=[EXPERT], eager_first=True, host_linger_s=2)
     server = Server("streaming", path, tmp / "streaming.log").wait_healthy()
-    server.wait_state(EXPERT, "ready", timeout=300)
-    yield path, server
-    server.stop()
+    try:
+        server.wait_state(EXPERT, "ready", timeout=300)
+        yield path, server
+    finally:
+        server.stop()
 
 
 def test_an_eager_runner_serves_first_and_its_compiled_twin_takes_over_without_failing_a_request(eager_first):

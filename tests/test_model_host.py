@@ -73,10 +73,14 @@ def lifecycle(tmp_path_factory, real_engine):
     next(e for e in config["experts"] if e["id"] == RUNNER_C)["engine"]["neon_kernels"] = True
     write_config(path, config)
     standard = Server("standard", path, tmp / "standard.log").wait_healthy()
-    streaming = Server("streaming", path, tmp / "streaming.log").wait_healthy()
-    yield path, standard, streaming
-    streaming.stop()
-    standard.stop()
+    try:
+        streaming = Server("streaming", path, tmp / "streaming.log").wait_healthy()
+        try:
+            yield path, standard, streaming
+        finally:
+            streaming.stop()
+    finally:
+        standard.stop()
 
 
 def test_the_warm_pool_loads_at_start_and_experts_with_equal_settings_share_its_runner(lifecycle):

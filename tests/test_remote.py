@@ -92,8 +92,10 @@ def pair(tmp_path_factory, keyed, fake_upstream):
     front = Server("standard", write_config(path, config), tmp / "front.log",
                    {"UPSTREAM_KEY": KEY, "WRONG_UPSTREAM_KEY": WRONG_KEY})
     front.wait_healthy()
-    yield front, keyed
-    front.stop()
+    try:
+        yield front, keyed
+    finally:
+        front.stop()
 
 
 def upstream_chat(upstream: FakeUpstream, expert: str, **body) -> dict:
