@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import requests
@@ -132,21 +133,22 @@ class Server:
             cwd=REPO, stdout=self._log_handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     def wait_healthy(self, timeout: float = 120.0) -> "Server":
-        """This server once it answers /health; one that never does is stopped before the error, since a fixture
-        that raises before its `yield` gets no teardown."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                failure = f"{self.kind} server exited {self.process.returncode}:\n{self.tail()}"
-                break
+                self._give_up(f"{self.kind} server exited {self.process.returncode}")
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
             time.sleep(0.1)
-        else:
-            failure = f"{self.kind} server not healthy after {timeout} s:\n{self.tail()}"
+        self._give_up(f"{self.kind} server not healthy after {timeout} s")
+
+    def _give_up(self, why: str) -> NoReturn:
+        """Stop a server that never came up, then fail: a fixture that raises before its `yield` gets no
+        teardown, so nothing else would stop it."""
+        failure = f"{why}:\n{self.tail()}"
         self.stop()
         raise AssertionError(failure)
 

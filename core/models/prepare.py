@@ -131,7 +131,7 @@ def decide(float32: Path, int8: Path, force: bool, force_int8: bool) -> Verdict:
         print(f"quality verdict kept from {int8 / VERDICT_FILE}: {kept.why}")
         return kept
     started = time.monotonic()
-    verdict = _judge(float32, int8, here, force_int8)
+    verdict = replace(_judge(float32, int8, here, force_int8), reference=float32.name)
     verdict.write(int8)
     timed(f"quality gate done ({verdict.why})", started)
     if not verdict.passed and not verdict.forced:
@@ -150,22 +150,20 @@ def _judge(float32: Path, int8: Path, here: str, force_int8: bool) -> Verdict:
         result, figures = None, {"failures": [first]}
         why = f"int8 failed the quality gate on this CPU (its engine did not run: {first})"
     if result is not None and result.passed:
-        return Verdict(True, int8.name, "auto", "int8 passed the quality gate on this CPU", here, figures,
-                       reference=float32.name)
+        return Verdict(True, int8.name, "auto", "int8 passed the quality gate on this CPU", here, figures)
     why = why or "int8 failed the quality gate on this CPU (" + "; ".join(result.failures) + ")"
     if force_int8:
-        return Verdict(False, int8.name, "auto", f"forced by FORCE_INT8 although {why}", here, figures, forced=True,
-                       reference=float32.name)
+        return Verdict(False, int8.name, "auto", f"forced by FORCE_INT8 although {why}", here, figures, forced=True)
     fallback = {"int8": figures}
     if cpu_flags()["bf16"]:
         try:
             bf16 = gate(float32, "bfloat16")
             fallback["bfloat16"] = figures_of(bf16)
             if bf16.passed:
-                return Verdict(False, float32.name, "bfloat16", why, here, fallback, reference=float32.name)
+                return Verdict(False, float32.name, "bfloat16", why, here, fallback)
         except CandidateFailed as error:
             fallback["bfloat16"] = {"failures": [str(error).splitlines()[0]]}
-    return Verdict(False, float32.name, "float32", why, here, fallback, reference=float32.name)
+    return Verdict(False, float32.name, "float32", why, here, fallback)
 
 
 if __name__ == "__main__":
