@@ -87,6 +87,8 @@ def test_preloads_are_the_installed_allocator_and_openmp_runtime():
 def test_cpu_flags_honour_the_isa_caps_used_to_emulate_other_cpus(monkeypatch):
     from core.host.runner import cpu_flags, cpu_path
 
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the machine's own flags, even in a capped run
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     native = cpu_flags()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
