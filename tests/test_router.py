@@ -169,6 +169,25 @@ def test_prose_with_symbols_is_not_code(text: str) -> None:
     assert code_evidence(text).structural is None
 
 
+@pytest.mark.parametrize("text", [
+    "make it sound friendlier", "make a haiku about autumn", "go through my essay and fix the commas",
+    "export my contacts from android to iphone?", "brew a good cup of coffee", "curl my hair without heat", "go on",
+    "make this sound natural in spanish for my dating profile: 'dog dad, bad cook, good listener'",
+])
+def test_english_verbs_that_name_commands_are_prose(text: str) -> None:
+    """make, go, export, brew and curl start many chat turns typed in lower case: they are commands only with a
+    command's arguments."""
+    assert code_evidence(text).structural is None
+
+
+@pytest.mark.parametrize("text", [
+    "make install", "make -j8 fails with missing header", "make CC=clang", "go run main.go", "go test ./...",
+    "go mod tidy", "export PATH=$PATH:~/bin", "brew install wget", "curl -X POST https://example.com/api",
+])
+def test_the_same_verbs_with_a_commands_arguments_are_code(text: str) -> None:
+    assert code_evidence(text).structural == "code"
+
+
 @pytest.mark.parametrize("text, language", [
     ("¿Cuál es la mejor época para visitar Japón?", "es"),
     ("Quelle est la différence entre un crocodile et un alligator ?", "fr"),

@@ -32,6 +32,8 @@ _ERROR_NAME = re.compile(r"\b[A-Z]\w*(?:Error|Exception)\b")
 # shell command). Weak shapes (symbols that also turn up in prose) count only in a line that is not a
 # question and holds no letters of a non-Latin script, so a Greek question mark ";" or a formula
 # "y = mx + b?" stays prose; they are looked for only when a cheap substring test finds a candidate.
+# Commands that are also English verbs ("make it friendlier", "go through my essay", "export my contacts") are code
+# only with a command's argument (a flag, path, variable or URL) or in a short line without common English words.
 _STRONG_CODE = r"""
         (?:async\ )?(?:def|class)\ \w+\s*[(:] | import\ [\w.]+ | from\ [\w.]+\ import\s
       | \#\s*(?:include|define|pragma|ifn?def)\b
@@ -42,9 +44,12 @@ _STRONG_CODE = r"""
       | (?:SELECT|INSERT\ INTO|UPDATE|DELETE\ FROM|CREATE\ (?:TABLE|INDEX|VIEW)|ALTER\ TABLE|DROP\ TABLE)\b
       | (?:if|for|while|switch|return|else|elif|try|catch|except|finally|with)\b[^\n]*[:{;)][ \t]*$
       | (?:\$|>>>|\.\.\.)\ \S | \#!/ | [})\]] | <[/!]?[A-Za-z][\w-]*(?:\s[^>\n]*)?/?>
-      | (?:sudo|pip3?|npm|npx|yarn|git|docker|kubectl|helm|cargo|go|make|cmake|gcc|g\+\+|clang|javac|python3?|node
-         |apt(?:-get)?|brew|systemctl|journalctl|curl|wget|ssh|scp|chmod|chown|mkdir|tar|grep|awk|sed|export)
+      | (?:sudo|pip3?|npm|npx|yarn|git|docker|kubectl|helm|cargo|cmake|gcc|g\+\+|clang|javac|python3?|node
+         |apt(?:-get)?|systemctl|journalctl|wget|ssh|scp|chmod|chown|mkdir|tar|grep|awk|sed)
         \ [-\w~/.$'"]
+      | (?:make|go|export|brew|curl)\ (?:[-~/.$] | [A-Z_]\w*= | https?://
+         | (?![^\n]*\b(?:a|an|the|my|me|it|this|that|to|for|and|of|on|in|at|with|through|sure|up|out|some|your|our
+                       |sense)\b)[^\n]{1,40}$)
       | (?:echo|cat|ls|cd|rm|cp|mv)\ +(?:-\w|[~/.$]|\S+\s*[|>])
       | [\w.]+\([^()\n]*\)[ \t]*;?[ \t]*$
       | (?![^\n]*\?[ \t]*$)[\w.\[\]'"]+[ \t]*(?:=|\+=|-=|:=)[ \t]*[^=\s]"""
