@@ -491,7 +491,8 @@ def test_a_rule_decision_says_the_rules_decided(router: Router) -> None:
 
 
 @pytest.mark.parametrize("path, least_turns, least_languages", [(evaluation.INDEPENDENT, 20, 28),
-                                                                (evaluation.INDEPENDENT_2, 40, 25)])
+                                                                (evaluation.INDEPENDENT_2, 40, 25),
+                                                                (evaluation.INDEPENDENT_3, 40, 30)])
 def test_the_independent_sets_are_broad_and_never_trained_on(path: Path, least_turns: int,
                                                               least_languages: int) -> None:
     cases = evaluation.load_independent(path)
@@ -506,12 +507,15 @@ def test_the_independent_sets_are_broad_and_never_trained_on(path: Path, least_t
     assert not {normal(m.text) for c in cases for m in c.messages if m.text.strip()} & corpus
 
 
-def test_the_two_independent_sets_share_no_prompt() -> None:
-    first, second = (evaluation.load_independent(path) for path in evaluation.INDEPENDENT_SETS)
+def test_the_independent_sets_share_no_prompt() -> None:
     def prompts(cases: tuple[evaluation.Case, ...]) -> set[str]:
         return {m.text for c in cases for m in c.messages if m.role == "user" and m.text.strip()}
 
-    assert not prompts(first) & prompts(second)
+    sets = [prompts(evaluation.load_independent(path)) for path in evaluation.INDEPENDENT_SETS]
+    assert len(sets) == 3
+    for i, first in enumerate(sets):
+        for second in sets[i + 1:]:
+            assert not first & second
 
 
 def test_paraphrases_share_a_group_and_never_straddle_a_fold() -> None:

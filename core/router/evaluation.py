@@ -1,10 +1,9 @@
 """How well the router generalises: the independent evaluation sets, and cross-validation grouped by paraphrase.
 
-The independent sets (`tests/router_independent.jsonl`, `tests/router_independent_2.jsonl`) were written after the
-corpus, each in another voice (terse and chatty, long and one-word, multi-turn, mixed languages, system prompts,
-questions without their domain's keywords) and are never trained on: they are read only here, by the bench and the
-tests. Each line holds a conversation, the turn carrying an image (or null), the best
-domain and the acceptable ones. Cross-validation on the corpus puts near-paraphrases in one group, so that one
+The independent sets (`tests/router_independent*.jsonl`) were written after the corpus, each in another voice (terse
+and chatty, long and one-word, multi-turn, mixed languages, system prompts, questions without their domain's keywords)
+and are never trained on: they are read only here, by the bench and the tests. Each line holds a conversation, the
+turn carrying an image (or null), the best domain and the acceptable ones. Cross-validation on the corpus puts near-paraphrases in one group, so that one
 prompt's rewordings never sit on both sides of a split and the score is not a memory test.
 """
 from __future__ import annotations
@@ -25,7 +24,10 @@ from core.router.dataset import Example
 INDEPENDENT = Path(__file__).resolve().parents[2] / "tests" / "router_independent.jsonl"
 # a second set, written later in yet another voice (long and chatty, one-word, system prompts, code-switching)
 INDEPENDENT_2 = INDEPENDENT.with_name("router_independent_2.jsonl")
-INDEPENDENT_SETS = (INDEPENDENT, INDEPENDENT_2)
+# a third, written blind (its writer never saw the corpus, the other sets or the router): dictated, misspelt,
+# ticket-style and agent-workflow prompts
+INDEPENDENT_3 = INDEPENDENT.with_name("router_independent_3.jsonl")
+INDEPENDENT_SETS = (INDEPENDENT, INDEPENDENT_2, INDEPENDENT_3)
 PARAPHRASE = 0.4  # word TF-IDF cosine from which two prompts count as one reworded (the corpus keeps no template ids)
 FOLDS = 5
 _IMAGE = ImagePart(type="image_url", image_url=ImageURL(url="https://example.com/photo.png"))
