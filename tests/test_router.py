@@ -181,6 +181,24 @@ def test_english_verbs_that_name_commands_are_prose(text: str) -> None:
 
 
 @pytest.mark.parametrize("text", [
+    "<task>Write a two-sentence reply to the review below.</task>\n<review>Late, but the shoes are lovely.</review>",
+    "<context>We sell shoes online.</context>\n<question>What should our return policy say?</question>",
+])
+def test_prompt_sections_marked_with_plain_tags_are_prose(text: str) -> None:
+    """Agents mark a prompt's parts with tags of their own naming; only HTML's elements, attributes or namespaced
+    names make markup code."""
+    assert code_evidence(text).structural is None
+
+
+@pytest.mark.parametrize("text", [
+    "<div class=\"card\">\n  <p>Hello</p>\n</div>", "<ul><li>one</li></ul>", "<my-widget></my-widget>",
+    '<input type="text" name="q">', "<!DOCTYPE html>",
+])
+def test_html_is_code(text: str) -> None:
+    assert code_evidence(text).structural == "code"
+
+
+@pytest.mark.parametrize("text", [
     "make install", "make -j8 fails with missing header", "make CC=clang", "go run main.go", "go test ./...",
     "go mod tidy", "export PATH=$PATH:~/bin", "brew install wget", "curl -X POST https://example.com/api",
 ])

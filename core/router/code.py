@@ -32,8 +32,13 @@ _ERROR_NAME = re.compile(r"\b[A-Z]\w*(?:Error|Exception)\b")
 # shell command). Weak shapes (symbols that also turn up in prose) count only in a line that is not a
 # question and holds no letters of a non-Latin script, so a Greek question mark ";" or a formula
 # "y = mx + b?" stays prose; they are looked for only when a cheap substring test finds a candidate.
+# A markup line is code by an HTML element, a namespaced or custom element, or attributes: prompts for agents mark
+# their parts with plain tags ("<task>", "<context>") around prose.
 # Commands that are also English verbs ("make it friendlier", "go through my essay", "export my contacts") are code
 # only with a command's argument (a flag, path, variable or URL) or in a short line without common English words.
+_HTML = (r"html|head|body|div|span|p|a|b|i|em|strong|ul|ol|li|table|thead|tbody|tr|td|th|form|button|select|option"
+         r"|textarea|img|br|hr|script|style|link|meta|h[1-6]|nav|footer|article|aside|iframe|canvas|svg|video|audio"
+         r"|source|pre|code")  # elements that make a markup line code (as do attributes and namespaced names)
 _STRONG_CODE = r"""
         (?:async\ )?(?:def|class)\ \w+\s*[(:] | import\ [\w.]+ | from\ [\w.]+\ import\s
       | \#\s*(?:include|define|pragma|ifn?def)\b
@@ -43,7 +48,8 @@ _STRONG_CODE = r"""
       | struct\ \w+ | enum\ \w+
       | (?:SELECT|INSERT\ INTO|UPDATE|DELETE\ FROM|CREATE\ (?:TABLE|INDEX|VIEW)|ALTER\ TABLE|DROP\ TABLE)\b
       | (?:if|for|while|switch|return|else|elif|try|catch|except|finally|with)\b[^\n]*[:{;)][ \t]*$
-      | (?:\$|>>>|\.\.\.)\ \S | \#!/ | [})\]] | <[/!]?[A-Za-z][\w-]*(?:\s[^>\n]*)?/?>
+      | (?:\$|>>>|\.\.\.)\ \S | \#!/ | [})\]]
+      | <(?:! | /?(?:HTML)\b | /?[A-Za-z][\w-]*[-:.][\w.-]* | [A-Za-z][\w-]*\s[^>\n]*=)[^>\n]*>
       | (?:sudo|pip3?|npm|npx|yarn|git|docker|kubectl|helm|cargo|cmake|gcc|g\+\+|clang|javac|python3?|node
          |apt(?:-get)?|systemctl|journalctl|wget|ssh|scp|chmod|chown|mkdir|tar|grep|awk|sed)
         \ [-\w~/.$'"]
@@ -52,10 +58,10 @@ _STRONG_CODE = r"""
                        |sense)\b)[^\n]{1,40}$)
       | (?:echo|cat|ls|cd|rm|cp|mv)\ +(?:-\w|[~/.$]|\S+\s*[|>])
       | [\w.]+\([^()\n]*\)[ \t]*;?[ \t]*$
-      | (?![^\n]*\?[ \t]*$)[\w.\[\]'"]+[ \t]*(?:=|\+=|-=|:=)[ \t]*[^=\s]"""
+      | (?![^\n]*\?[ \t]*$)[\w.\[\]'"]+[ \t]*(?:=|\+=|-=|:=)[ \t]*[^=\s]""".replace("HTML", _HTML)
 _WEAK_CODE = r"""
         (?![^\n]*\?[ \t]*$)(?![^\n]*[\u0370-\u1FFF\u3040-\u9FFF\uAC00-\uD7AF])[^\n]*?(?=[=!:&|;{}().<$])
-        (?:==|!=|=>|::|&&|\|\||[;{}][ \t]*$|\.\w+\(|\(\)|</\w|\$\{|\$[A-Z_]{2,}\b)"""
+        (?:==|!=|=>|::|&&|\|\||[;{}][ \t]*$|\.\w+\(|\(\)|</(?:HTML)>|\$\{|\$[A-Z_]{2,}\b)""".replace("HTML", _HTML)
 _CODE_LINE = re.compile(rf"\n[ \t]*(?:{_STRONG_CODE})[^\n]*", re.M | re.X)
 _CODE_OR_WEAK_LINE = re.compile(rf"\n[ \t]*(?:{_STRONG_CODE}|{_WEAK_CODE})[^\n]*", re.M | re.X)
 _WEAK_HINTS = ("==", "!=", "=>", "::", "&&", "||", "()", "</", "$", ";\n", "{\n", "}\n")
