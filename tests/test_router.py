@@ -417,6 +417,32 @@ def test_a_classifier_decision_is_its_most_probable_expert(router: Router) -> No
     assert decision.elapsed_ms > 0
 
 
+WORKFLOW_TASKS = {  # (task, data): written for this test, in no training file
+    "general": ("Write a friendly two-sentence reply to this customer review.",
+                "The cake arrived a day late but tasted wonderful, thank you."),
+    "technical": ("Explain to the on-call engineer what this alert means and the likely cause.",
+                  "Disk I/O wait on db-2 above 40% for 15 minutes while queries per second stayed flat."),
+    "coding": ("Write a regular expression that matches the order numbers in the text.",
+               "Orders ORD-2024-00017 and ORD-2023-99120 were refunded."),
+    "multilingual": ("Translate the message into German, keeping the tone informal.",
+                     "Hey, can we move our call to Thursday afternoon?"),
+}
+WORKFLOW_WRAPPERS = (
+    "{task}\n\n{data}",
+    "You are a step in an n8n workflow.\nInput: {data}\nTask: {task}\nOutput only the result.",
+    "<instructions>{task}</instructions>\n<input>{data}</input>",
+    'Return JSON with the key "result".\nTask: {task}\nText: {{{{ $json.body }}}} = {data}',
+)
+
+
+def test_a_workflows_wrapper_does_not_choose_the_expert(router: Router, by_domain: dict[str, str]) -> None:
+    """Agents and workflow tools wrap every task in the same instructions, tags and JSON talk: the task decides.
+    (The corpus before its workflow prompts sent 4 of these 16 to the coder; one may flip on another CPU.)"""
+    routed = [(domain, router.route_prompt(wrapper.format(task=task, data=data)).expert)
+              for domain, (task, data) in WORKFLOW_TASKS.items() for wrapper in WORKFLOW_WRAPPERS]
+    assert sum(by_domain[domain] == expert for domain, expert in routed) >= 14, routed
+
+
 def test_the_ranking_puts_a_structural_winner_first(router: Router) -> None:
     decision = router.route([user("Tell me a joke", IMAGE)])
     assert decision.ranking()[0] == "gemma3_multimodal"

@@ -111,7 +111,7 @@ def _embedding() -> StaticEmbedding | None:
     try:
         return embedding.load(embedding.key())
     except store.Refused as refused:
-        log.warning("%s: routing without the embedding stage, with a classifier trained now (about 3 s); "
+        log.warning("%s: routing without the embedding stage, with a classifier trained now (about 5 s); "
                     "`make models` (python -m core.router.train) distils the table and trains the router once", refused)
         return None
 
@@ -138,7 +138,7 @@ def _trained(profile: Profile) -> Trained:
             classifier, head = store.load(store.key(*training_set(profile, corpus), embedding.key()))
             return Trained(classifier, head, table) if head is not None else Trained(classifier)
         except store.Refused as refused:
-            log.warning("%s: training the router now (about 4 s); after editing the corpus or the experts' routing "
+            log.warning("%s: training the router now (about 6 s); after editing the corpus or the experts' routing "
                         "profiles, retrain once with `make models` or `python -m core.router.train`", refused)
     return train(profile, corpus, table)
 
