@@ -3,9 +3,9 @@
 Prints the start-up cost (lingua's models, loading the stored classifier, and training it), top-1 and
 within-acceptable accuracy on the three independent sets (tests/router_independent*.jsonl, other voices, never trained
 on) with their misses, cross-validation on the corpus grouped by paraphrase, top-1 on the held-out corpus with its
-confusion matrix and per-language accuracy, how often consensus would ask the multimodal expert, lingua's accuracy and cost on short texts, and p50/p99
-decision time (wall clock and CPU) on held-out, independent, short and 2,000-char prompts and a five-turn
-conversation. Targets: independent top-1 >= 95 % and within acceptable >= 98 % on every set, p99 < 1 ms.
+confusion matrix and per-language accuracy, how often consensus would ask the multimodal expert, lingua's accuracy
+and cost on short texts, and p50/p99 decision time (wall clock and CPU) on held-out, independent, short and
+2,000-char prompts and a five-turn conversation. Targets: independent top-1 >= 95 % and within acceptable >= 98 % on every set, p99 < 1 ms.
 
 Run from the repository root: ``.venv/bin/python -m bench.bench_router``.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -557,9 +558,8 @@ def test_the_independent_sets_share_no_prompt() -> None:
 
     sets = [prompts(evaluation.load_independent(path)) for path in evaluation.INDEPENDENT_SETS]
     assert len(sets) == 3
-    for i, first in enumerate(sets):
-        for second in sets[i + 1:]:
-            assert not first & second
+    for first, second in combinations(sets, 2):
+        assert not first & second
 
 
 def test_paraphrases_share_a_group_and_never_straddle_a_fold() -> None:

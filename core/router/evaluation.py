@@ -3,8 +3,9 @@
 The independent sets (`tests/router_independent*.jsonl`) were written after the corpus, each in another voice (terse
 and chatty, long and one-word, multi-turn, mixed languages, system prompts, questions without their domain's keywords)
 and are never trained on: they are read only here, by the bench and the tests. Each line holds a conversation, the
-turn carrying an image (or null), the best domain and the acceptable ones. Cross-validation on the corpus puts near-paraphrases in one group, so that one
-prompt's rewordings never sit on both sides of a split and the score is not a memory test.
+turn carrying an image (or null), the best domain and the acceptable ones. Cross-validation on the corpus puts
+near-paraphrases in one group, so that one prompt's rewordings never sit on both sides of a split and the score is
+not a memory test.
 """
 from __future__ import annotations
 
